@@ -1,0 +1,46 @@
+"""Per-image brain-tissue masks (the paper's Otsu + closing mask, plus hole filling).
+
+The paper masks each image with an Otsu threshold followed by a morphological
+closing (5x5 disk). We also fill holes: dark lesions, ventricles and CSF inside the
+head then stay in the mask, so anomalies there can be scored. This is a documented
+deviation from the paper. Each image is thresholded on its own (the authors' code
+shares one threshold across a batch, a known bug we do not reproduce).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+from skimage.morphology import closing, disk
+
+#: Structuring element of the closing: a 5x5 disk.
+CLOSING_FOOTPRINT = disk(2).astype(bool)
+
+
+def tissue_mask(image: np.ndarray) -> np.ndarray:
+    """Boolean tissue mask of one 2D image: Otsu threshold, closing (5x5 disk), hole filling.
+
+    A constant image (including an all-zero one) gives an all-False mask.
+    """
+    img = np.asarray(image)
+    if img.ndim != 2:
+        raise ValueError(f"tissue_mask expects one 2D image, got shape {img.shape}")
+    img = img.astype(np.float32, copy=False)
+    lo, hi = float(img.min()), float(img.max())
+    if not hi > lo:
+        return np.zeros(img.shape, dtype=bool)
+    mask = img > threshold_otsu(img)
+    mask = closing(mask, CLOSING_FOOTPRINT)
+    return ndimage.binary_fill_holes(mask)
+
+
+def tissue_masks(images: np.ndarray) -> np.ndarray:
+    """Boolean masks ``[N, H, W]`` of a stack of 2D images, each thresholded on its own."""
+    imgs = np.asarray(images)
+    if imgs.ndim != 3:
+        raise ValueError(f"tissue_masks expects [N, H, W] images, got shape {imgs.shape}")
+    out = np.zeros(imgs.shape, dtype=bool)
+    for n in range(imgs.shape[0]):
+        out[n] = tissue_mask(imgs[n])
+    return out

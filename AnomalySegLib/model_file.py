@@ -1,0 +1,186 @@
+"""The one AnomalySeg model file format.
+
+A model file is a ``torch.save`` archive holding only tensors, strings and numbers:
+network weights plus JSON strings for the network configuration, preprocessing,
+method parameters, training summary and healthy calibration. It is read with
+``torch.load(weights_only=True)``, PyTorch's restricted unpickler, so opening a model
+file cannot execute code from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from . import MODEL_FORMAT_VERSION, __version__
+from .calibration import Calibration
+from .errors import ModelFileError
+from .methods import MethodParams
+from .models import ConvVAE, VAEConfig
+from .preprocessing import PreprocessConfig
+
+FORMAT_NAME = "anomalyseg-model"
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def weights_digest(state_dict: dict) -> str:
+    """Stable short hash of the weights: identifies a model in reports and the Slicer UI."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+@dataclass
+class AnomalyModel:
+    """A trained network bundled with everything needed to use it consistently."""
+
+    network: ConvVAE
+    network_config: VAEConfig
+    preprocessing: PreprocessConfig
+    method: MethodParams
+    training: dict = field(default_factory=dict)
+    calibration: Optional[Calibration] = None
+    model_id: str = ""
+    library_version: str = __version__
+    format_version: int = MODEL_FORMAT_VERSION
+
+    @property
+    def version(self) -> str:
+        """Human-readable identity: library version / method / weights digest."""
+        return f"{self.library_version}/{self.method.method}/{self.model_id or weights_digest(self.network.state_dict())}"
+
+    def summary(self) -> dict:
+        """JSON-able description (for `anomalyseg info`, reports and the Slicer model list)."""
+        training = {k: v for k, v in self.training.items() if k != "history"}
+        return {
+            "version": self.version,
+            "model_id": self.model_id,
+            "library_version": self.library_version,
+            "format_version": self.format_version,
+            "method": self.method.to_dict(),
+            "network": self.network_config.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "calibrated": self.calibration is not None,
+            "calibration": None if self.calibration is None else {
+                "n_pixels": self.calibration.n_pixels,
+                "n_images": self.calibration.n_images,
+                "n_volumes": self.calibration.n_volumes,
+                "source": self.calibration.source,
+                "threshold_at_default_percentile": self.calibration.threshold(self.method.default_percentile),
+            },
+            "training": training,
+            "parameters": {part: self.network.num_parameters(part) for part in ("all", "attention", "encoder", "decoder")},
+        }
+
+    def save(self, path: PathLike, *, overwrite: bool = True) -> None:
+        """Write the model atomically (temporary file in the same folder, then rename)."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            from .errors import OutputError
+
+            raise OutputError(f"{path} already exists (use --overwrite to replace it)")
+        state = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
+        self.model_id = weights_digest(state)
+        payload = {
+            "format": FORMAT_NAME,
+            "format_version": MODEL_FORMAT_VERSION,
+            "library_version": __version__,
+            "model_id": self.model_id,
+            "network_config": json.dumps(self.network_config.to_dict()),
+            "preprocessing": json.dumps(self.preprocessing.to_dict()),
+            "method": json.dumps(self.method.to_dict()),
+            "training": json.dumps(self.training),
+            "calibration": json.dumps(self.calibration.to_dict()) if self.calibration is not None else "",
+            "state_dict": state,
+        }
+        atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(payload: dict, path: Path) -> None:
+    """``torch.save`` to a temporary sibling then ``os.replace``: never a half-written file."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        from .errors import OutputError
+
+        raise OutputError(f"cannot write {path}: folder {parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        from .errors import OutputError
+
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_payload(path: PathLike, expected_format: str = FORMAT_NAME) -> dict:
+    """Load a model/checkpoint archive safely and check its format name and version."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not a readable model file"
+        raise ModelFileError(
+            f"{path} is not an AnomalySeg model file (it could not be read safely: {type(exc).__name__})"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != expected_format:
+        raise ModelFileError(f"{path} is not an AnomalySeg {expected_format.split('-')[-1]} file")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise ModelFileError(f"{path} has an unknown format version {version!r}")
+    if version > MODEL_FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} was written by a newer AnomalySeg ({payload.get('library_version', '?')}, format {version}); "
+            f"this is AnomalySeg {__version__} (format {MODEL_FORMAT_VERSION}): upgrade with `pip install -U anomalyseg`"
+        )
+    return payload
+
+
+def load_model(path: PathLike, *, device: Union[str, torch.device] = "cpu") -> AnomalyModel:
+    """Read a model file written by :meth:`AnomalyModel.save`.
+
+    Raises :class:`ModelFileError` for a missing, foreign, corrupt or newer file.
+    """
+    payload = read_payload(path)
+    try:
+        network_config = VAEConfig.from_dict(json.loads(payload["network_config"]))
+        preprocessing = PreprocessConfig.from_dict(json.loads(payload["preprocessing"]))
+        method = MethodParams.from_dict(json.loads(payload["method"]))
+        training = json.loads(payload.get("training") or "{}")
+        calibration_json = payload.get("calibration") or ""
+        calibration = Calibration.from_dict(json.loads(calibration_json)) if calibration_json else None
+        network = ConvVAE(network_config)
+        network.load_state_dict(payload["state_dict"], strict=True)
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise ModelFileError(f"{path} is damaged or inconsistent: {exc}".splitlines()[0]) from exc
+    network.to(device).eval()
+    return AnomalyModel(
+        network=network,
+        network_config=network_config,
+        preprocessing=preprocessing,
+        method=method,
+        training=training,
+        calibration=calibration,
+        model_id=str(payload.get("model_id", "")),
+        library_version=str(payload.get("library_version", "")),
+        format_version=int(payload["format_version"]),
+    )

@@ -1,0 +1,226 @@
+"""Tests of the offline synthetic data generator (AnomalySegLib.synthetic)."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from AnomalySegLib import synthetic
+from AnomalySegLib.errors import InputError
+from AnomalySegLib.synthetic import LESION_KINDS, LESION_RADIUS_MM, LesionSpec, load_template, synthesize_case
+
+# Deep white matter (centrum semiovale) in MNI space; > 0.97 WM probability in a 7-voxel cube.
+WM_POINT = (-28.0, -10.0, 30.0)
+
+
+@pytest.fixture(scope="module")
+def tpl():
+    return load_template("mni152", 2.0)
+
+
+def _world_to_voxel(affine, point):
+    inv = np.linalg.inv(affine)
+    return inv[:3, :3] @ np.asarray(point, dtype=float) + inv[:3, 3]
+
+
+def _ball_ml(radius_mm):
+    return 4.0 / 3.0 * np.pi * radius_mm ** 3 / 1000.0
+
+
+def test_template_geometry_and_ranges(tpl):
+    # 197x233x189 at 1 mm sampled every 2 voxels from voxel 0: (n - 1) // 2 + 1.
+    assert tpl.t1.shape == (99, 117, 95)
+    np.testing.assert_allclose(tpl.affine[:3, :3], np.eye(3) * 2.0)
+    assert nib.aff2axcodes(tpl.affine) == ("R", "A", "S")
+    assert tpl.t1.dtype == np.float32 and 0.0 <= tpl.t1.min() and tpl.t1.max() <= 1.0
+    total = tpl.gm + tpl.wm + tpl.csf
+    assert np.all(total[tpl.brain] > 0.99) and np.all(total[tpl.brain] < 1.3)
+    assert not tpl.t1[~tpl.brain].any() and not tpl.csf[~tpl.brain].any()
+    # The MNI152 average brain (incl. cerebellum, brainstem, ventricles) is ~1.9 L,
+    # larger than a typical adult brain because of the template's scaling.
+    assert 1600 < tpl.brain.sum() * 8 / 1000 < 2100
+    with pytest.raises(ValueError):
+        tpl.t1[0, 0, 0] = 1.0  # cached template is shared: read-only
+
+
+def test_resampled_affine_keeps_landmark(tpl):
+    """The brain's centre of mass in world mm is the same at 1 mm (read independently), 2 and 3 mm."""
+    folder = synthetic._nilearn_data_dir()
+    native = nib.load(str(folder / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"))
+    com_vox = np.array(ndimage.center_of_mass(np.asarray(native.dataobj) > 0))
+    ref = native.affine[:3, :3] @ com_vox + native.affine[:3, 3]
+    for t in (tpl, load_template("mni152", 3.0)):
+        com = np.array(ndimage.center_of_mass(t.brain))
+        world = t.affine[:3, :3] @ com + t.affine[:3, 3]
+        assert np.linalg.norm(world - ref) < 2.0, (t.voxel_size_mm, world, ref)
+    t3 = load_template("mni152", 3.0)
+    np.testing.assert_allclose(np.diag(t3.affine)[:3], 3.0)
+    np.testing.assert_allclose(t3.affine[:3, 3], native.affine[:3, 3])  # voxel 0 shared
+    assert t3.t1.shape == (66, 78, 63)
+
+
+def test_same_seed_identical_different_seed_differs(tpl):
+    a = synthesize_case(tpl, 7, lesions=["bright"])
+    b = synthesize_case(tpl, 7, lesions=["bright"])
+    c = synthesize_case(tpl, 8, lesions=["bright"])
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.label, b.label)
+    assert a.meta == b.meta
+    assert not np.array_equal(a.image, c.image)
+    assert not np.array_equal(a.label, c.label)
+    # A Generator works as well and is not re-seeded.
+    g = np.random.default_rng(7)
+    d = synthesize_case(tpl, g)
+    e = synthesize_case(tpl, g)
+    assert d.meta["seed"] is None and not np.array_equal(d.image, e.image)
+
+
+def test_healthy_case(tpl):
+    case = synthesize_case(tpl, 3)
+    assert case.image.dtype == np.float32 and case.label.dtype == np.uint8
+    assert case.image.shape == case.label.shape == case.brain.shape == tpl.t1.shape
+    assert not case.label.any() and case.meta["lesion_volume_ml"] == 0.0 and case.meta["lesions"] == []
+    assert np.all(case.image[~case.brain] == 0.0)  # skull-stripped background
+    assert np.all(case.image >= 0.0) and case.image[case.brain].mean() > 0
+    json.dumps(case.meta)  # serialisable for the manifest
+
+
+@pytest.mark.parametrize("kind", LESION_KINDS)
+def test_label_inside_brain_and_volume_matches_kind(tpl, kind):
+    lo, hi = (_ball_ml(r) for r in LESION_RADIUS_MM[kind])
+    for seed in (11, 12):
+        case = synthesize_case(tpl, seed, lesions=[kind])
+        lab = case.label.astype(bool)
+        assert set(np.unique(case.label)) == {0, 1}
+        assert not np.any(lab & ~case.brain)
+        (info,) = case.meta["lesions"]
+        assert info["kind"] == kind
+        r0, r1 = LESION_RADIUS_MM[kind]
+        assert r0 <= info["radius_mm"] <= r1
+        # 2 mm voxels are 0.008 mL each.
+        assert info["volume_ml"] == pytest.approx(lab.sum() * 0.008)
+        assert case.meta["lesion_volume_ml"] == pytest.approx(lab.sum() * 0.008)
+        # Blobby outline and brain clipping keep it within +-50 % of the nominal ball.
+        nominal = _ball_ml(info["radius_mm"])
+        assert 0.5 * nominal < info["volume_ml"] < 1.5 * nominal
+        assert 0.5 * lo < info["volume_ml"] < 1.5 * hi
+    if kind == "small":
+        assert info["volume_ml"] < 0.8
+
+
+# (kind, radius, lower and upper bound of (mean in label - mean in a 4 mm shell) / WM intensity)
+DIRECTIONS = [
+    ("bright", 8.0, 0.25, 1.0),
+    ("low_contrast", 8.0, 0.05, 0.25),
+    ("dark", 8.0, -0.8, -0.2),
+    ("tumour", 16.0, 0.1, 0.6),
+]
+
+
+@pytest.mark.parametrize("kind,radius,low,high", DIRECTIONS)
+def test_lesion_intensity_direction(tpl, kind, radius, low, high):
+    for seed, contrast in ((21, "flair"), (22, "t1"), (23, "t2")):
+        case = synthesize_case(tpl, seed, lesions=[LesionSpec(kind, center_mm=WM_POINT, radius_mm=radius)],
+                               contrast=contrast)
+        lab = case.label.astype(bool)
+        shell = ndimage.binary_dilation(lab, iterations=2) & ~lab & case.brain
+        wm = case.meta["wm_intensity"]
+        diff = (case.image[lab].mean() - case.image[shell].mean()) / wm
+        assert low < diff < high, (kind, contrast, diff)
+        centre = np.round(_world_to_voxel(case.affine, WM_POINT)).astype(int)
+        assert lab[tuple(centre)]
+        if kind == "tumour":  # necrotic core darker than the surrounding tissue
+            i, j, k = centre
+            core = case.image[i - 1:i + 2, j - 1:j + 2, k - 1:k + 2].mean()
+            assert core < case.image[shell].mean() - 0.2 * wm
+
+
+def test_noise_is_applied_inside_lesions(tpl):
+    spec = LesionSpec("bright", center_mm=WM_POINT, radius_mm=9.0)
+    clean = synthesize_case(tpl, 5, lesions=[spec], noise=0.0)
+    noisy = synthesize_case(tpl, 5, lesions=[spec], noise=0.03)
+    assert clean.meta["noise_kind"] == "none" and clean.meta["noise_sigma"] == 0.0
+    lab = noisy.label.astype(bool)
+    np.testing.assert_array_equal(clean.label, noisy.label)
+    sigma = noisy.meta["noise_sigma"]
+    assert sigma == pytest.approx(0.03 * noisy.meta["wm_intensity"])
+    diff = (noisy.image - clean.image)[lab]
+    assert diff.size > 300
+    # Same noise level inside the lesion as elsewhere (Rician ~ Gaussian at this SNR).
+    assert 0.8 * sigma < diff.std() < 1.2 * sigma
+    tissue = noisy.brain & ~lab
+    assert 0.8 * sigma < (noisy.image - clean.image)[tissue].std() < 1.2 * sigma
+    assert noisy.image[lab].std() > 0
+
+
+def test_n_slices_crops_and_keeps_world_coordinates(tpl):
+    full = synthesize_case(tpl, 4)
+    crop = synthesize_case(tpl, 4, n_slices=10)
+    k0 = crop.meta["slice_offset"]
+    assert crop.image.shape == (99, 117, 10) and crop.label.shape == (99, 117, 10)
+    # Centred on the brain's inferior-superior extent.
+    zs = np.flatnonzero(tpl.brain.any(axis=(0, 1)))
+    assert abs((k0 + 4.5) - 0.5 * (zs[0] + zs[-1])) <= 1.0
+    np.testing.assert_array_equal(crop.image, full.image[:, :, k0:k0 + 10])
+    for idx in ((0, 0, 0), (40, 60, 9), (98, 116, 3)):
+        w_crop = crop.affine @ np.array([*idx, 1.0])
+        w_full = full.affine @ np.array([idx[0], idx[1], idx[2] + k0, 1.0])
+        np.testing.assert_allclose(w_crop, w_full)
+    # Lesions are drawn inside the kept slab.
+    les = synthesize_case(tpl, 6, lesions=["bright", "small"], n_slices=10)
+    assert les.label.any()
+    for info in les.meta["lesions"]:
+        assert info["volume_ml"] > 0
+        k = _world_to_voxel(les.affine, info["center_mm"])[2]
+        assert -0.5 <= k <= 9.5
+    with pytest.raises(InputError):
+        synthesize_case(tpl, 1, n_slices=500)
+
+
+def test_make_cohort_writes_readable_files(tpl, tmp_path):
+    kwargs = dict(n_healthy=2, n_lesion=2, lesion_kinds=("tumour", "small"), n_lesion_free_test=1,
+                  seed=3, n_slices=12)
+    manifest = synthetic.make_cohort(tmp_path / "a", **kwargs)
+    assert manifest["healthy"] == ["healthy/healthy_000.nii.gz", "healthy/healthy_001.nii.gz"]
+    assert manifest["test"] == ["test/lesion_000.nii.gz", "test/lesion_001.nii.gz", "test/normal_000.nii.gz"]
+    assert manifest["labels"] == [p.replace(".nii.gz", "_label.nii.gz") for p in manifest["test"]]
+    on_disk = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert on_disk == json.loads(json.dumps(manifest))
+    for rel in manifest["healthy"] + manifest["test"]:
+        img = nib.load(str(tmp_path / "a" / rel))
+        assert img.get_data_dtype() == np.float32 and img.shape == (99, 117, 12)
+        assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    case = manifest["cases"]["lesion_000"]
+    assert case["lesion_kinds"] == ["tumour"]
+    assert manifest["cases"]["lesion_001"]["lesion_kinds"] == ["small", "small"]
+    for rel, name in zip(manifest["labels"], ("lesion_000", "lesion_001", "normal_000")):
+        lab = nib.load(str(tmp_path / "a" / rel))
+        data = np.asarray(lab.dataobj)
+        assert lab.get_data_dtype() == np.uint8
+        img = nib.load(str(tmp_path / "a" / manifest["cases"][name]["image"]))
+        np.testing.assert_allclose(lab.affine, img.affine)
+        assert data.sum() * 0.008 == pytest.approx(manifest["cases"][name]["lesion_volume_ml"])
+        assert (data.sum() > 0) == name.startswith("lesion")
+    # Any case can be regenerated alone from the seed stored in its meta.
+    again = synthesize_case(tpl, case["seed"], lesions=["tumour"], contrast="flair", n_slices=12)
+    np.testing.assert_allclose(again.image, np.asarray(nib.load(str(tmp_path / "a" / case["image"])).dataobj))
+    # Same arguments -> byte-identical files.
+    synthetic.make_cohort(tmp_path / "b", **kwargs)
+    for rel in manifest["healthy"] + manifest["test"] + manifest["labels"]:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+
+
+def test_missing_nilearn_and_bad_arguments(tpl, monkeypatch):
+    with pytest.raises(InputError):
+        synthesize_case(tpl, 0, lesions=["glioma"])
+    with pytest.raises(InputError):
+        synthesize_case(tpl, 0, contrast="dwi")
+    with pytest.raises(InputError):
+        load_template("colin27")
+    monkeypatch.setattr(synthetic.importlib.util, "find_spec", lambda name, *a: None)
+    synthetic._load_native.cache_clear()
+    with pytest.raises(InputError, match="pip install nilearn"):
+        load_template("mni152", 7.0)  # not cached yet: must look for the files
+    monkeypatch.undo()
