@@ -240,12 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL")
     p.set_defaults(func=cmd_info)
 
-    try:
-        from . import evaluate_command
-    except ImportError:  # evaluation extras not present in this install
-        evaluate_command = None
-    if evaluate_command is not None:
-        evaluate_command.register(sub)
+    from . import evaluate_command
+
+    evaluate_command.register(sub)
     return parser
 
 

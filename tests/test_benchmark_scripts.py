@@ -1,0 +1,158 @@
+"""Smoke runs of the benchmark scripts at minimal sizes (data generation, benchmark, BraTS runner, speed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+TINY = ["--epochs", "1", "--image-size", "32", "--width", "8", "--batch-size", "8", "--eval-batch-size", "8",
+        "--device", "cpu", "--quiet", "--overlays", "1"]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "data"
+    make = _script("make_benchmark_data")
+    assert make.main(["-o", str(out), "--n-healthy", "4", "--n-per-kind", "2", "--n-lesion-free", "1",
+                      "--kinds", "bright", "small", "--resolution", "4", "--slices", "6"]) == 0
+    return out
+
+
+def test_make_benchmark_data_layout_and_determinism(bench_data, tmp_path):
+    index = json.loads((bench_data / "benchmark.json").read_text())
+    assert len(index["healthy"]) == 4 and len(index["lesion_free"]) == 1
+    assert set(index["kinds"]) == {"bright", "small"}
+    for kind, entry in index["kinds"].items():
+        for img, lab in zip(entry["images"], entry["labels"]):
+            image = nib.load(str(bench_data / img))
+            label = np.asarray(nib.load(str(bench_data / lab)).dataobj)
+            assert image.shape == label.shape and image.shape[2] == 6
+            assert label.any() and set(np.unique(label)) <= {0, 1}
+    assert not np.asarray(nib.load(str(bench_data / "lesion_free" / "normal_000_label.nii.gz")).dataobj).any()
+    assert not list(bench_data.glob("_*")) and not list(bench_data.parent.glob(".*partial"))
+    # test subjects are not training subjects
+    h0 = np.asarray(nib.load(str(bench_data / index["healthy"][0])).dataobj)
+    for entry in index["kinds"].values():
+        assert not np.array_equal(np.asarray(nib.load(str(bench_data / entry["images"][0])).dataobj), h0)
+    # the same arguments give the same data; existing data is not replaced without --overwrite
+    make = _script("make_benchmark_data")
+    again = tmp_path / "again"
+    assert make.main(["-o", str(again), "--n-healthy", "4", "--n-per-kind", "2", "--n-lesion-free", "1",
+                      "--kinds", "bright", "small", "--resolution", "4", "--slices", "6"]) == 0
+    for rel in index["kinds"]["small"]["images"] + index["healthy"][:1]:
+        np.testing.assert_array_equal(np.asarray(nib.load(str(again / rel)).dataobj),
+                                      np.asarray(nib.load(str(bench_data / rel)).dataobj))
+    assert make.main(["-o", str(again), "--n-healthy", "4"]) == 1
+
+
+def test_run_benchmark_smoke(bench_data, tmp_path):
+    from AnomalySegLib.baselines import IntensityBaseline
+    from AnomalySegLib.evaluation import evaluate_model
+    from AnomalySegLib.model_file import load_model
+    from AnomalySegLib.preprocessing import PreprocessConfig
+    from AnomalySegLib.training import split_volumes
+
+    out = tmp_path / "out"
+    bench = _script("run_benchmark")
+    assert bench.main(["--data", str(bench_data), "-o", str(out), "--kinds", "bright"] + TINY) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["methods"] == ["amcons", "gradcamcons", "vae", "intensity", "intensity-abs"]
+    assert res["machine"]["cpu_cores_logical"] >= 1 and res["machine"]["device"] == "cpu"
+    agg = res["aggregate"]
+    for method in res["methods"]:
+        k = agg[method]["kinds"]["bright"]
+        assert 0.0 <= k["auprc"]["mean"] <= 1.0 and k["oracle_best_dice"]["mean"] >= k["dice_calibrated"]["mean"] - 1e-9
+        assert agg[method]["lesion_free"]["n_volumes"] == 1
+    for method in ("amcons", "gradcamcons", "vae"):
+        model = load_model(out / "models" / f"{method}_seed0.pt")
+        assert model.calibration is not None and model.calibration.n_volumes == 1  # the held-out volume
+        assert agg[method]["build"]["train_images_per_second"]["mean"] > 0
+    md = (out / "results.md").read_text()
+    assert "## bright" in md and "[Dice] ORACLE" in md and "python scripts/run_benchmark.py" in md
+    assert (out / "pr_bright.png").is_file() and (out / "examples_bright.png").is_file()
+    assert (out / "eval" / "seed0" / "vae" / "bright" / "results.md").is_file()
+    # the baseline row is reproducible from the library alone (same held-out split)
+    index = json.loads((bench_data / "benchmark.json").read_text())
+    healthy = [bench_data / p for p in index["healthy"]]
+    train_idx, cal_idx = split_volumes(len(healthy), 0.2, 0)
+    base = IntensityBaseline("bright", PreprocessConfig(image_size=32)).fit(
+        [healthy[i] for i in cal_idx], reference=[healthy[i] for i in train_idx])
+    direct = evaluate_model(base, [bench_data / p for p in index["kinds"]["bright"]["images"]],
+                            [bench_data / p for p in index["kinds"]["bright"]["labels"]])
+    assert agg["intensity"]["kinds"]["bright"]["auprc"]["mean"] == pytest.approx(direct["pooled"]["auprc"])
+    assert bench.main(["--data", str(bench_data), "-o", str(out)] + TINY) == 1  # results exist
+
+
+def _fake_brats(root: Path, n_cases: int = 6) -> None:
+    shape = (40, 36, 24)
+    affine = np.array([[-1.0, 0, 0, 20], [0, -1.0, 0, 130], [0, 0, 1.0, -60], [0, 0, 0, 1]])
+    ii, jj, kk = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    brain = ((ii - 20) / 15.0) ** 2 + ((jj - 18) / 13.0) ** 2 + ((kk - 11.5) / 9.0) ** 2 <= 1.0
+    for n in range(n_cases):
+        rng = np.random.default_rng(n)
+        flair = np.where(brain, 100 + 20 * (((ii - 20) / 15.0) ** 2 < 0.3) + rng.normal(0, 3, shape), 0)
+        seg = np.zeros(shape, np.uint8)
+        z0 = 8 + n % 4
+        seg[16:22, 14:19, z0:z0 + 3] = 2
+        flair[seg > 0] = 170
+        case = f"BraTS19_X_{n:03d}_1"
+        folder = root / "MICCAI_BraTS_2019_Data_Training" / "HGG" / case
+        folder.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(flair.astype(np.float32), affine), str(folder / f"{case}_flair.nii.gz"))
+        nib.save(nib.Nifti1Image(seg, affine), str(folder / f"{case}_seg.nii.gz"))
+
+
+def test_run_brats_on_brats_layout(tmp_path):
+    _fake_brats(tmp_path / "brats")
+    runner = _script("run_brats")
+    out = tmp_path / "run"
+    args = ["--brats-dir", str(tmp_path / "brats"), "-o", str(out), "--methods", "amcons", "intensity"] + TINY
+    assert runner.main(args) == 0
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert {k: len(v) for k, v in manifest["split"].items()} == {"train": 4, "val": 1, "test": 1}
+    res = json.loads((out / "results.json").read_text())
+    assert res["kinds"] == ["brats_test"] and "BraTS" in res["data"]
+    k = res["aggregate"]["amcons"]["kinds"]["brats_test"]
+    assert k["n_volumes"] == 1 and k["n_lesions"] == 1
+    # calibrated on the validation patient's lesion-free slices only
+    from AnomalySegLib.model_file import load_model
+
+    model = load_model(out / "models" / "amcons_seed0.pt")
+    val_case = manifest["split"]["val"][0]
+    assert model.calibration.n_volumes == 1 and val_case in model.calibration.source
+    assert model.calibration.n_images <= 10 - len(manifest["cases"][val_case]["lesion_slices"])
+    assert "AnomalySeg on BraTS" in (out / "results.md").read_text()
+
+
+def test_benchmark_speed_smoke(tmp_path, capsys):
+    speed = _script("benchmark_speed")
+    out = tmp_path / "speed.json"
+    code = speed.main(["--output", str(out), "--markdown", str(tmp_path / "speed.md"), "--device", "cpu",
+                       "--image-size", "32", "--width", "8", "--batch-size", "4", "--eval-batch-size", "4",
+                       "--train-steps", "2", "--repeats", "1", "--resolution", "4", "--slices", "6",
+                       "--distinct-volumes", "1", "--methods", "amcons", "vae", "--no-isolate"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    rows = {(r["kind"], r["method"]): r for r in report["results"]}
+    assert rows[("train", "amcons")]["images_per_second"] > 0 and rows[("train", "vae")]["steps_timed"] >= 1
+    assert rows[("score_volume", "vae")]["seconds_per_volume"] > 0
+    net = rows[("network", None)]
+    assert set(net["seconds_per_volume"]) == {"amcons_attention_only", "gradcamcons_encoder_and_gradient",
+                                              "vae_residual", "full_forward"}
+    assert net["parameters"]["attention"] < net["parameters"]["encoder"] < net["parameters"]["all"]
+    assert rows[("train", "amcons")]["peak_rss_mb"] > 0
+    assert "training images/s" in (tmp_path / "speed.md").read_text()
+    assert report["machine"]["torch"] and report["isolated"] is False

@@ -1,0 +1,138 @@
+"""Training mechanics: split, determinism, checkpoint/resume, cancel, progress, fine-tuning."""
+
+import numpy as np
+import pytest
+import torch
+
+from AnomalySegLib.errors import AnomalySegError, Cancelled, ModelFileError
+from AnomalySegLib.training import TrainConfig, split_volumes, train_model
+
+FAST = dict(epochs=2, batch_size=8, image_size=32, base_width=4, latent_dim=8, device="cpu", seed=3)
+
+
+@pytest.fixture(scope="module")
+def small_volumes(healthy_volumes):
+    # 4 volumes of 8 slices each keep these tests to seconds
+    from AnomalySegLib.volume_io import Volume
+
+    out = []
+    for v in healthy_volumes[:4]:
+        k0 = v.data.shape[2] // 2 - 4
+        affine = v.affine.copy()
+        affine[:3, 3] = v.affine[:3, :3] @ np.array([0, 0, k0]) + v.affine[:3, 3]
+        out.append(Volume(v.data[:, :, k0:k0 + 8].copy(), affine, v.path))
+    return out
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.network.state_dict().items()}
+
+
+def test_split_is_deterministic_and_disjoint():
+    train, cal = split_volumes(10, 0.2, seed=5)
+    assert (train, cal) == split_volumes(10, 0.2, seed=5)
+    assert len(cal) == 2 and not set(train) & set(cal) and sorted(train + cal) == list(range(10))
+    assert split_volumes(1, 0.2, 0) == ([0], [])
+    assert split_volumes(3, 0.0, 0) == ([0, 1, 2], [])
+
+
+def test_same_seed_same_model_and_resume_equals_straight_run(small_volumes, tmp_path):
+    straight = train_model(small_volumes, TrainConfig(**FAST))
+    again = train_model(small_volumes, TrainConfig(**FAST))
+    for k, v in _weights(straight).items():
+        assert torch.equal(v, again.network.state_dict()[k]), k
+
+    # interrupt after the first epoch, then resume from the checkpoint
+    ckpt = tmp_path / "run.ckpt"
+    stop = _StopAfterEpoch(1)
+    with pytest.raises(Cancelled):
+        train_model(small_volumes, TrainConfig(**FAST), checkpoint=ckpt, progress=stop.progress, cancel=stop.cancel)
+    assert ckpt.exists()
+    resumed = train_model(small_volumes, TrainConfig(**FAST), checkpoint=ckpt, resume=True,
+                          output=tmp_path / "m.pt")
+    for k, v in _weights(straight).items():
+        assert torch.allclose(v, resumed.network.state_dict()[k], atol=1e-6), k
+    assert [h["epoch"] for h in resumed.training["history"]] == [1, 2]
+    assert (tmp_path / "m.pt").exists() and not ckpt.exists()  # checkpoint removed after success
+
+
+class _StopAfterEpoch:
+    """Progress + cancel callbacks that stop a run once ``epoch`` epochs are complete."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+        self.done = False
+
+    def progress(self, event):
+        if event.stage == "train" and event.epoch == self.epoch and event.step == event.steps:
+            self.done = True
+
+    def cancel(self):
+        return self.done
+
+
+def test_resume_refuses_other_run(small_volumes, tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+    stop = _StopAfterEpoch(1)
+    with pytest.raises(Cancelled):
+        train_model(small_volumes, TrainConfig(**FAST), checkpoint=ckpt, progress=stop.progress, cancel=stop.cancel)
+    other = TrainConfig(**{**FAST, "learning_rate": 5e-4})
+    with pytest.raises(ModelFileError, match="different training run"):
+        train_model(small_volumes, other, checkpoint=ckpt, resume=True)
+
+
+def test_cancel_writes_no_model(small_volumes, tmp_path):
+    out = tmp_path / "model.pt"
+    stop = _StopAfterEpoch(1)
+    with pytest.raises(Cancelled):
+        train_model(small_volumes, TrainConfig(**FAST), output=out, progress=stop.progress, cancel=stop.cancel)
+    assert not out.exists()
+
+
+def test_progress_events_and_calibration_split(small_volumes):
+    events = []
+    model = train_model(small_volumes, TrainConfig(**{**FAST, "calibration_fraction": 0.25}), progress=events.append)
+    stages = [e.stage for e in events]
+    assert stages[0] == "prepare" and "train" in stages and stages[-1] == "calibrate"
+    train_fractions = [e.fraction for e in events if e.stage == "train"]
+    assert train_fractions == sorted(train_fractions) and train_fractions[-1] == pytest.approx(1.0)
+    last = [e for e in events if e.stage == "train"][-1]
+    assert last.epoch == 2 and set(last.losses) >= {"loss", "rec", "kl", "entropy"}
+    assert model.training["train_volumes"] == 3 and model.training["calibration_volumes"] == 1
+    assert model.calibration.n_volumes == 1  # held-out volume only
+    assert "held-out" in model.calibration.source
+
+
+def test_fine_tuning_starts_from_the_base_model(small_volumes):
+    base = train_model(small_volumes, TrainConfig(**FAST))
+    # a learning rate of ~0 keeps the weights: the fine-tuned model must equal its base
+    tuned = train_model(small_volumes, TrainConfig(**{**FAST, "learning_rate": 1e-30, "image_size": 64}), init=base)
+    assert tuned.network_config == base.network_config  # architecture comes from the base model
+    for k, v in _weights(base).items():
+        if "running" in k or "num_batches" in k:
+            continue  # BatchNorm statistics keep updating
+        assert torch.allclose(v, tuned.network.state_dict()[k], atol=1e-6), k
+    assert tuned.training["fine_tuned_from"] == base.model_id or base.model_id == ""
+
+
+def test_bad_settings_are_user_errors(small_volumes):
+    with pytest.raises(AnomalySegError, match="unknown method"):
+        train_model(small_volumes, TrainConfig(**{**FAST, "method": "nope"}))
+    with pytest.raises(AnomalySegError, match="multiple of 32"):
+        train_model(small_volumes, TrainConfig(**{**FAST, "image_size": 40}))
+    with pytest.raises(AnomalySegError, match="unknown method parameter"):
+        train_model(small_volumes, TrainConfig(**{**FAST, "method_overrides": {"gamma": 1}}))
+
+
+@pytest.mark.parametrize("method", ["gradcamcons", "vae"])
+def test_other_methods_train_and_score(small_volumes, method):
+    from AnomalySegLib.inference import score_volume
+
+    model = train_model(small_volumes, TrainConfig(**{**FAST, "method": method}))
+    assert model.method.method == method
+    if method == "gradcamcons":
+        assert model.method.warmup_epochs == 0 and model.method.default_percentile == 95.0
+        assert "barrier" in model.training["history"][-1]
+    scores = score_volume(model, small_volumes[0], device="cpu")
+    assert scores.heatmap.shape == small_volumes[0].data.shape
+    assert np.all(scores.heatmap[~scores.brain_mask] == 0)
