@@ -1,0 +1,200 @@
+"""Structure of the scripted module: .ui bindings, widget names, CMake lists, extension files.
+
+Qt is not available in CI, so the .ui file is parsed as XML and AnomalySeg.py as Python
+source (ast): every ``SlicerParameterName`` must name a parameter of the parameter node
+wrapper with a widget type that the parameter node wrapper can connect to it, every
+``self.ui.X`` used by the code must exist, and the CMake files must list every file.
+"""
+
+import ast
+import re
+import struct
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE = REPO / "AnomalySeg"
+SOURCE = MODULE / "AnomalySeg.py"
+UI = MODULE / "Resources" / "UI" / "AnomalySeg.ui"
+
+#: Widget classes slicer.parameterNodeWrapper connects, by parameter type (Slicer >= 5.4 docs).
+CONNECTORS = {
+    "float": {"ctkSliderWidget", "QDoubleSpinBox"},
+    "int": {"QSpinBox", "QSlider"},
+    "str": {"QLineEdit", "QTextEdit"},  # QComboBox needs a Choice validator
+    "bool": {"QCheckBox", "QPushButton"},
+    "pathlib.Path": {"ctkPathLineEdit", "ctkDirectoryButton"},
+    "enum": {"QComboBox"},
+    "node": {"qMRMLNodeComboBox", "qMRMLSubjectHierarchyTreeView"},
+}
+QT_CLASSES = {"QWidget", "QLabel", "QPushButton", "QComboBox", "QSpinBox", "QDoubleSpinBox", "QLineEdit", "QCheckBox",
+              "QProgressBar", "QTableWidget", "QTextEdit", "QSlider", "QToolButton"}
+
+
+@pytest.fixture(scope="module")
+def ui():
+    return ET.parse(UI).getroot()
+
+
+@pytest.fixture(scope="module")
+def tree():
+    return ast.parse(SOURCE.read_text(encoding="utf-8"))
+
+
+def _widgets(ui):
+    return {w.get("name"): w for w in ui.iter("widget")}
+
+
+def _parameter_name(widget):
+    for prop in widget.findall("property"):
+        if prop.get("name") == "SlicerParameterName":
+            assert prop.get("stdset") == "0", "SlicerParameterName must be a dynamic property (stdset=0)"
+            return prop.findtext("string")
+    return None
+
+
+def _class(tree, name):
+    found = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == name]
+    assert len(found) == 1, f"class {name} must be defined exactly once in AnomalySeg.py"
+    return found[0]
+
+
+def _parameter_kinds(tree):
+    """Parameter name -> kind (float, int, str, bool, pathlib.Path, enum, node) of the wrapper class."""
+    cls = _class(tree, "AnomalySegParameterNode")
+    assert any(ast.unparse(d) == "parameterNodeWrapper" for d in cls.decorator_list)
+    enums = {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)
+             and any(ast.unparse(b) in ("enum.Enum", "Enum") for b in n.bases)}
+    kinds = {}
+    for stmt in cls.body:
+        if not isinstance(stmt, ast.AnnAssign):
+            continue
+        annotation = stmt.annotation
+        if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Annotated":
+            annotation = annotation.slice.elts[0]
+        text = ast.unparse(annotation)
+        kinds[stmt.target.id] = "enum" if text in enums else "node" if text.startswith("vtkMRML") else text
+    return kinds
+
+
+def test_ui_is_a_qmrml_widget_with_unique_names(ui):
+    assert ui.find("class").text == "AnomalySeg"
+    top = ui.find("widget")
+    assert top.get("class") == "qMRMLWidget" and top.get("name") == "AnomalySeg"
+    names = [w.get("name") for w in ui.iter("widget")]
+    assert len(names) == len(set(names)), "duplicate widget names"
+    sections = [w for w in ui.iter("widget") if w.get("class") == "ctkCollapsibleButton"]
+    assert [w.get("name") for w in sections] == ["segmentCollapsibleButton", "trainingCollapsibleButton"]
+
+
+def test_every_bound_widget_matches_a_parameter(ui, tree):
+    kinds = _parameter_kinds(tree)
+    bound = {}
+    for name, widget in _widgets(ui).items():
+        parameter = _parameter_name(widget)
+        if parameter is None:
+            continue
+        assert parameter in kinds, f"{name} is bound to unknown parameter {parameter!r}"
+        assert parameter not in bound, f"{parameter!r} is bound twice"
+        allowed = CONNECTORS[kinds[parameter]]
+        assert widget.get("class") in allowed, \
+            f"{name} ({widget.get('class')}) cannot be connected to {parameter}: {kinds[parameter]}"
+        bound[parameter] = name
+    # every user-editable parameter has a widget; the rest are set by the code
+    assert set(kinds) - set(bound) == {"modelPath", "anomalyMap", "anomalySegmentation"}
+    assert bound["inputVolume"] == "inputSelector" and bound["percentile"] == "percentileSliderWidget"
+
+
+def test_percentile_slider_range_matches_the_parameter(ui, tree):
+    cls = _class(tree, "AnomalySegParameterNode")
+    (stmt,) = [s for s in cls.body if isinstance(s, ast.AnnAssign) and s.target.id == "percentile"]
+    low, high = (ast.literal_eval(a) for a in stmt.annotation.slice.elts[1].args)
+    assert (low, high, ast.literal_eval(stmt.value)) == (80.0, 99.99, 98.0)
+    slider = _widgets(ui)["percentileSliderWidget"]
+    props = {p.get("name"): p[0].text for p in slider.findall("property")}
+    assert float(props["minimum"]) == low and float(props["maximum"]) == pytest.approx(high)
+    assert float(props["value"]) == 98.0
+
+
+def test_code_uses_only_existing_widgets(ui):
+    source = SOURCE.read_text(encoding="utf-8")
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    missing = used - set(_widgets(ui))
+    assert not missing, f"widgets used by AnomalySeg.py but absent from the .ui: {sorted(missing)}"
+    assert {"segmentButton", "segmentProgressBar", "segmentStatusLabel", "lesionTableWidget", "modelComboBox",
+            "importModelButton", "startTrainingButton", "stopTrainingButton", "lossPlotLabel"} <= used
+
+
+def test_mrml_widgets_get_the_scene_and_custom_widgets_are_declared(ui):
+    widgets = _widgets(ui)
+    mrml = {n for n, w in widgets.items() if w.get("class").startswith("qMRML") and w.get("class") != "qMRMLWidget"}
+    connected = {c.findtext("receiver") for c in ui.iter("connection")
+                 if c.findtext("sender") == "AnomalySeg" and c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+                 and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    assert mrml == connected == {"inputSelector", "healthyVolumesSelector"}
+    declared = {c.findtext("class") for c in ui.iter("customwidget")}
+    used = {w.get("class") for w in widgets.values()}
+    assert used - QT_CLASSES <= declared, f"undeclared custom widgets: {sorted(used - QT_CLASSES - declared)}"
+    for node_types in ui.iter("property"):
+        if node_types.get("name") == "nodeTypes":
+            assert [s.text for s in node_types.iter("string")] == ["vtkMRMLScalarVolumeNode"]
+
+
+def test_module_class_and_test_follow_slicer_conventions(tree):
+    names = {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+    assert {"AnomalySeg", "AnomalySegWidget", "AnomalySegLogic", "AnomalySegTest"} <= names
+    source = SOURCE.read_text(encoding="utf-8")
+    for attribute in ("title", "categories", "contributors", "helpText", "acknowledgementText"):
+        assert f"self.parent.{attribute} =" in source
+    assert '"Segmentation")]' in source
+    assert "def runTest(self)" in source
+    # dependencies are installed on request only, never when the module is imported
+    module_level_calls = [ast.unparse(n) for n in tree.body if isinstance(n, ast.Expr)]
+    assert not [c for c in module_level_calls if "install" in c or "ensureDependencies" in c]
+    assert "pip_install" not in "".join(ast.unparse(n) for n in tree.body
+                                        if not isinstance(n, (ast.ClassDef, ast.FunctionDef)))
+
+
+def _cmake_list(text, variable):
+    match = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
+    assert match, f"{variable} not found"
+    return match.group(1).split()
+
+
+def test_module_cmake_lists_every_script_and_resource():
+    text = (MODULE / "CMakeLists.txt").read_text()
+    scripts = _cmake_list(text, "MODULE_PYTHON_SCRIPTS")
+    assert scripts == ["${MODULE_NAME}.py"]
+    library = _cmake_list(text, "ANOMALYSEGLIB_PYTHON_SCRIPTS")
+    on_disk = sorted(p.name for p in (REPO / "AnomalySegLib").glob("*.py"))
+    assert sorted(library) == on_disk, "AnomalySeg/CMakeLists.txt must list every AnomalySegLib/*.py"
+    resources = {r.replace("${MODULE_NAME}", "AnomalySeg") for r in _cmake_list(text, "MODULE_PYTHON_RESOURCES")}
+    existing = {str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*")
+                if p.is_file() and p.suffix in (".png", ".ui", ".txt", ".pt", ".pth", ".json")}
+    assert resources == existing
+    assert "slicerMacroBuildScriptedModule(" in text and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    assert "add_subdirectory(Testing)" in text and (MODULE / "Testing" / "CMakeLists.txt").is_file()
+    python_files = {p.name for p in MODULE.glob("*.py")}
+    assert python_files == {"AnomalySeg.py"}, "every top-level .py of the module must be listed (Slicer loads them)"
+
+
+def test_extension_cmake_license_and_icons():
+    text = (REPO / "CMakeLists.txt").read_text()
+    for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                     "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert re.search(rf'set\({variable} "[^"]+"\)', text), variable
+    assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
+    assert "add_subdirectory(AnomalySeg)" in text
+    assert "include(${Slicer_EXTENSION_GENERATE_CONFIG})" in text and "include(${Slicer_EXTENSION_CPACK})" in text
+    license_text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    for icon in (MODULE / "Resources" / "Icons" / "AnomalySeg.png", REPO / "Resources" / "AnomalySeg.png"):
+        header = icon.read_bytes()[:24]
+        assert header[:8] == b"\x89PNG\r\n\x1a\n"
+        assert struct.unpack(">II", header[16:24]) == (128, 128)
+    requirements = (MODULE / "Resources" / "requirements.txt").read_text().splitlines()
+    names = [line.split(">")[0].split("=")[0].strip() for line in requirements if line.strip() and not line.startswith("#")]
+    assert "nibabel" in names and "torch" not in names  # torch comes from the PyTorch extension
