@@ -25,14 +25,18 @@ import numpy as np
 from . import __version__
 from .calibration import Calibration
 from .errors import InputError
-from .inference import VolumeScores
-from .preprocessing import PreparedVolume, PreprocessConfig, brain_mask_in_volume, prepare_volume, to_volume_grid
+from .inference import VolumeScores, scores_on_volume_grid
+from .preprocessing import PreparedVolume, PreprocessConfig, prepare_volume
 from .progress import CancelCallback, ProgressCallback, ProgressEvent, check_cancel, emit
 from .volume_io import Volume, read_volume
 
 INTENSITY_MODES = ("bright", "dark", "abs")
 
 VolumeLike = Union[Volume, str, Path]
+
+
+def _brain_values(scores: VolumeScores) -> np.ndarray:
+    return scores.heatmap[scores.brain_mask]
 
 
 def _as_volume(item: VolumeLike) -> Volume:
@@ -99,12 +103,9 @@ class IntensityBaseline:
         volume = _as_volume(volume)
         emit(progress, ProgressEvent("prepare", 0.0, message="preprocessing"))
         prepared = prepare_volume(volume, self.preprocessing)
-        maps = self.score_prepared(prepared)
-        brain = brain_mask_in_volume(prepared)
-        heatmap = to_volume_grid(maps, prepared, order=1).astype(np.float32)
-        heatmap[~brain] = 0.0
+        scores = scores_on_volume_grid(self.score_prepared(prepared), prepared, volume)
         emit(progress, ProgressEvent("segment", 1.0, message="scored"))
-        return VolumeScores(heatmap=heatmap, brain_mask=brain, volume=volume)
+        return scores
 
     def threshold(self, percentile: Optional[float] = None) -> float:
         """Score threshold at a healthy percentile (default: :attr:`default_percentile`)."""
@@ -136,7 +137,8 @@ class IntensityBaseline:
             ref = prepared if reference is None else self._prepare_all(reference, None, cancel, "prepare")
             pixels = np.concatenate([p.images[p.masks] for p in ref])
             self.healthy_median = float(np.median(pixels))
-        scores = np.concatenate([self.score_prepared(p)[p.masks] for p in prepared])
+        # voxel-grid values inside the brain: the same values predict_mask thresholds
+        scores = np.concatenate([_brain_values(scores_on_volume_grid(self.score_prepared(p), p)) for p in prepared])
         names = [p.name for p in prepared]
         source = f"{len(names)} healthy volume(s): " + ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
         self.calibration = Calibration.from_scores(

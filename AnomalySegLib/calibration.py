@@ -1,7 +1,7 @@
 """Healthy-only threshold calibration.
 
 The threshold that turns an anomaly map into a mask is a percentile of the scores that
-the model gives to brain-tissue pixels of *held-out healthy* images (paper, Table 2:
+the model gives to brain voxels of *held-out healthy* volumes (paper, Table 2:
 p98 for AMCons, p95 for GradCAMCons). No anomalous image is ever used. The model file
 stores a quantile table, so any percentile (the Slicer sensitivity slider) maps to a
 threshold instantly.
@@ -113,8 +113,13 @@ def calibrate_prepared(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelCallback] = None,
 ) -> Calibration:
-    """Calibrate on already-preprocessed healthy volumes (training reuses its held-out split)."""
-    from .inference import score_prepared
+    """Calibrate on already-preprocessed healthy volumes (training reuses its held-out split).
+
+    The scores are taken on each volume's own voxel grid, inside its brain mask: exactly
+    the values that :func:`~AnomalySegLib.inference.threshold_scores` compares with the
+    threshold, so p98 flags 2 % of the calibration volumes' brain voxels.
+    """
+    from .inference import score_prepared, scores_on_volume_grid
 
     if not prepared:
         raise InputError("calibration needs at least one healthy volume")
@@ -123,7 +128,8 @@ def calibrate_prepared(
     for index, item in enumerate(prepared):
         check_cancel(cancel)
         maps = score_prepared(model, item, device=device, batch_size=batch_size, cancel=cancel)
-        collected.append(maps[item.masks].astype(np.float32))
+        scores = scores_on_volume_grid(maps, item)
+        collected.append(scores.heatmap[scores.brain_mask])
         n_images += len(item.images)
         emit(progress, ProgressEvent("calibrate", (index + 1) / len(prepared),
                                      message=f"healthy volume {index + 1}/{len(prepared)}"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -84,6 +85,8 @@ def cmd_train(args) -> int:
     print(f"{PROG}: training {config.method} on {len(volumes)} healthy volume(s)", file=sys.stderr)
     model = train_model(volumes, config, output=output, init=args.init, checkpoint=checkpoint,
                         resume=args.resume, progress=_progress(args))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun only rank 0 calibrates and saves
     summary = model.summary()
     cal = summary["calibration"]
     print(f"saved {output} (model {model.version}); calibrated on {cal['n_volumes']} healthy volume(s), "

@@ -81,7 +81,19 @@ class VolumeScores:
 
     heatmap: np.ndarray
     brain_mask: np.ndarray
-    volume: Volume
+    volume: Optional[Volume] = None
+
+
+def scores_on_volume_grid(maps: np.ndarray, prepared: PreparedVolume, volume: Optional[Volume] = None) -> VolumeScores:
+    """Model-space maps [N, S, S] -> anomaly map on the input's voxel grid, 0 outside the brain.
+
+    The one place where maps leave model space: inference, calibration and the baselines
+    all threshold/calibrate exactly these voxel values.
+    """
+    brain = brain_mask_in_volume(prepared)
+    heatmap = to_volume_grid(maps, prepared, order=1).astype(np.float32)
+    heatmap[~brain] = 0.0
+    return VolumeScores(heatmap=heatmap, brain_mask=brain, volume=volume)
 
 
 def score_volume(
@@ -102,11 +114,9 @@ def score_volume(
                                      message=f"slice {done}/{total}"))
 
     maps = score_prepared(model, prepared, device=device, batch_size=batch_size, cancel=cancel, on_batch=on_batch)
-    brain = brain_mask_in_volume(prepared)
-    heatmap = to_volume_grid(maps, prepared, order=1).astype(np.float32)
-    heatmap[~brain] = 0.0
+    scores = scores_on_volume_grid(maps, prepared, volume)
     emit(progress, ProgressEvent("segment", 1.0, message="scored"))
-    return VolumeScores(heatmap=heatmap, brain_mask=brain, volume=volume)
+    return scores
 
 
 @dataclass

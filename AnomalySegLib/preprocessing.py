@@ -9,8 +9,11 @@ Steps (docs/ARCHITECTURE.md, "Preprocessing"):
 1. reject NaN/Inf, non-3D and constant volumes (InputError);
 2. canonical axial reorientation (permutation + flips only, :mod:`.geometry`);
 3. robust intensity normalisation per volume: ``low`` = ``low_percentile`` of all
-   voxels, ``high`` = ``high_percentile`` of the voxels above the volume's Otsu
-   threshold; clip to [low, high] and scale to [0, 1];
+   voxels maps to 0 and the median (``reference_percentile``) of the foreground (voxels
+   above the volume's Otsu threshold) maps to ``reference_level`` (0.5); values are
+   clipped to [0, 1]. A central statistic, not a high percentile, fixes the scale:
+   a large bright lesion moves a high percentile (and would darken every healthy voxel
+   of that scan) but barely moves the median;
 4. one square in-plane field of view (FOV) per volume, in millimetres, centred on the
    bounding box of the foreground (voxels above the Otsu threshold, union over all
    slices), side = largest extent * (1 + ``fov_margin``), resampled to
@@ -60,7 +63,8 @@ class PreprocessConfig:
 
     image_size: int = 224
     low_percentile: float = 1.0
-    high_percentile: float = 99.5
+    reference_percentile: float = 50.0
+    reference_level: float = 0.5
     fov_margin: float = 0.08
     min_brain_fraction: float = 0.03
 
@@ -70,11 +74,13 @@ class PreprocessConfig:
         self.image_size = int(self.image_size)
         if self.image_size < 32 or self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32 and >= 32, got {self.image_size}")
-        if not 0.0 <= self.low_percentile < self.high_percentile <= 100.0:
+        if not 0.0 <= self.low_percentile < 100.0 or not 0.0 < self.reference_percentile <= 100.0:
             raise ValueError(
-                "need 0 <= low_percentile < high_percentile <= 100, got "
-                f"{self.low_percentile} and {self.high_percentile}"
+                "need 0 <= low_percentile < 100 and 0 < reference_percentile <= 100, got "
+                f"{self.low_percentile} and {self.reference_percentile}"
             )
+        if not 0.0 < self.reference_level <= 1.0:
+            raise ValueError(f"reference_level must be in (0, 1], got {self.reference_level}")
         if not 0.0 <= self.fov_margin <= 10.0:
             raise ValueError(f"fov_margin must be in [0, 10], got {self.fov_margin}")
         if not 0.0 <= self.min_brain_fraction < 1.0:
@@ -211,9 +217,11 @@ def prepare_volume(volume: Volume, config: Optional[PreprocessConfig] = None) ->
     if not fg.any():  # cannot happen for a non-constant volume, but never index empty arrays
         fg = arr > vmin
     low = float(np.percentile(arr, cfg.low_percentile))
-    high = float(np.percentile(arr[fg], cfg.high_percentile))
-    if not high > low:
-        high = vmax
+    reference = float(np.percentile(arr[fg], cfg.reference_percentile))
+    if not reference > low:
+        reference = vmax
+    # raw value that maps to 1: the reference lands at reference_level
+    high = low + (reference - low) / cfg.reference_level
     if not high > low:
         raise InputError(f"{name}: no usable intensity range (percentiles give low = high = {low:g})")
 

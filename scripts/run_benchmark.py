@@ -112,7 +112,7 @@ def build_method(method: str, train: Sequence[Path], calibration: Sequence[Path]
 
     config = TrainConfig(method=method, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                          image_size=args.image_size, base_width=args.width, latent_dim=args.latent_dim,
-                         seed=seed, device=args.device, amp=not args.no_amp,
+                         attention_stage=args.attention_stage, seed=seed, device=args.device, amp=not args.no_amp,
                          calibration_fraction=0.0)  # the held-out split is made here, shared with the baselines
     timer = _TrainTimer(args.batch_size, None if args.quiet else TextProgressBar(sys.stderr))
     model = train_model(list(train), config, progress=timer)
@@ -390,6 +390,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=128, help="slice size, multiple of 32 (paper: 224)")
     p.add_argument("--width", type=int, default=64, help="encoder base width (64 = ResNet-18 as the paper)")
     p.add_argument("--latent-dim", type=int, default=32)
+    p.add_argument("--attention-stage", type=int, default=1, choices=range(0, 5),
+                   help="encoder stage of the attention map (1 = first residual block, as the paper)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)

@@ -99,3 +99,62 @@ def make_oblique_volume():
         return head
 
     return make
+
+
+# ----------------------------------------------------------------------------- trained models
+# One synthetic cohort and one small trained model per test session: the end-to-end,
+# CLI, calibration and worker tests share them (training is the slow part of the suite).
+
+#: Settings of the session model: small enough for a 2-core CI machine, good enough that
+#: obvious lesions must stand out (the end-to-end test asserts it). Paper hyper-parameters
+#: (AMCons, beta 10, lambda_H 0.1, Adam 1e-4, batch 32) on 64-pixel slices with the map
+#: taken at the stem, like the demo (see docs/METHOD.md, "Attention stage").
+SESSION_TRAINING = dict(method="amcons", epochs=30, batch_size=32, learning_rate=1e-4, image_size=64,
+                        base_width=16, attention_stage=0, seed=0, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def synthetic_cohort(tmp_path_factory):
+    """Healthy training volumes and lesion test volumes (FLAIR-like, 2 mm, 32 central slices)."""
+    from AnomalySegLib.synthetic import make_cohort
+
+    root = tmp_path_factory.mktemp("cohort")
+    manifest = make_cohort(root, n_healthy=12, n_lesion=2, lesion_kinds=("tumour", "bright"),
+                           n_lesion_free_test=1, seed=7, resolution_mm=2.0, n_slices=32)
+    return {
+        "root": root,
+        "healthy": [root / p for p in manifest["healthy"]],
+        "test": [root / p for p in manifest["test"]],
+        "labels": [root / p for p in manifest["labels"]],
+        "manifest": manifest,
+    }
+
+
+@pytest.fixture(scope="session")
+def healthy_volumes(synthetic_cohort):
+    from AnomalySegLib.volume_io import read_volume
+
+    return [read_volume(p) for p in synthetic_cohort["healthy"]]
+
+
+@pytest.fixture(scope="session")
+def trained_model_path(synthetic_cohort, tmp_path_factory):
+    """A calibrated AMCons model trained on the session cohort by ``anomalyseg train``."""
+    from AnomalySegLib.cli import main
+
+    path = tmp_path_factory.mktemp("model") / "session_model.pt"
+    t = SESSION_TRAINING
+    code = main(["train", *map(str, synthetic_cohort["healthy"]), "--output", str(path), "--quiet",
+                 "--method", t["method"], "--epochs", str(t["epochs"]), "--batch-size", str(t["batch_size"]),
+                 "--lr", str(t["learning_rate"]), "--image-size", str(t["image_size"]), "--width", str(t["base_width"]),
+                 "--attention-stage", str(t["attention_stage"]), "--seed", str(t["seed"]), "--device", t["device"]])
+    assert code == 0 and path.exists()
+    return path
+
+
+@pytest.fixture()
+def tiny_model(trained_model_path):
+    """A fresh in-memory copy of the session model (tests may modify it)."""
+    from AnomalySegLib.model_file import load_model
+
+    return load_model(trained_model_path)

@@ -44,13 +44,19 @@ def test_round_trip_and_validation():
         Calibration.from_scores(np.array([]), n_images=0, n_volumes=0)
 
 
-def test_calibrate_prepared_uses_brain_pixels_only(tiny_model, healthy_volumes):
-    from AnomalySegLib.inference import score_prepared
+def test_calibrate_prepared_uses_brain_voxels_of_the_thresholded_map(tiny_model, healthy_volumes):
+    from AnomalySegLib.inference import score_volume, threshold_scores
     from AnomalySegLib.preprocessing import prepare_volume
 
-    prepared = [prepare_volume(v, tiny_model.preprocessing) for v in healthy_volumes[:2]]
+    volumes = healthy_volumes[:2]
+    prepared = [prepare_volume(v, tiny_model.preprocessing) for v in volumes]
     cal = calibrate_prepared(tiny_model, prepared, device="cpu")
-    brain_scores = np.concatenate([score_prepared(tiny_model, p, device="cpu")[p.masks] for p in prepared])
-    assert cal.n_pixels == brain_scores.size == sum(int(p.masks.sum()) for p in prepared)
+    scored = [score_volume(tiny_model, v, device="cpu") for v in volumes]
+    voxels = np.concatenate([s.heatmap[s.brain_mask] for s in scored])
+    assert cal.n_pixels == voxels.size
     assert cal.n_volumes == 2 and cal.n_images == sum(len(p.images) for p in prepared)
-    assert cal.threshold(98.0) == pytest.approx(np.percentile(brain_scores, 98.0), rel=1e-5)
+    assert cal.threshold(98.0) == pytest.approx(np.percentile(voxels, 98.0), rel=1e-5)
+    # what segmentation flags on the calibration volumes is exactly 2 % of their brain voxels
+    tiny_model.calibration = cal
+    flagged = sum(int(threshold_scores(s, tiny_model, percentile=98.0).mask.sum()) for s in scored)
+    assert flagged / voxels.size == pytest.approx(0.02, abs=0.002)

@@ -79,7 +79,8 @@ def test_outputs_shapes_and_ranges(case):
 def test_intensity_normalisation_formula(case):
     head, vol, prep, cdata, caff = case
     low = np.percentile(vol.data, 1.0)
-    high = np.percentile(vol.data[vol.data > threshold_otsu(vol.data)], 99.5)
+    median = np.percentile(vol.data[vol.data > threshold_otsu(vol.data)], 50.0)
+    high = low + 2.0 * (median - low)  # the foreground median maps to 0.5
     assert prep.intensity_low == pytest.approx(low)
     assert prep.intensity_high == pytest.approx(high)
     # Forward resampling equals map_coordinates(order=1, constant 0) on the normalised slice.
@@ -198,10 +199,10 @@ def test_higher_brain_fraction_keeps_fewer_slices(case):
 
 
 def test_config_validation_and_dict_round_trip():
-    cfg = PreprocessConfig(image_size=96, low_percentile=0.5, high_percentile=99.0, fov_margin=0.1)
+    cfg = PreprocessConfig(image_size=96, low_percentile=0.5, reference_percentile=60.0, fov_margin=0.1)
     assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg
-    assert cfg.to_dict() == {"image_size": 96, "low_percentile": 0.5, "high_percentile": 99.0,
-                             "fov_margin": 0.1, "min_brain_fraction": 0.03}
+    assert cfg.to_dict() == {"image_size": 96, "low_percentile": 0.5, "reference_percentile": 60.0,
+                             "reference_level": 0.5, "fov_margin": 0.1, "min_brain_fraction": 0.03}
     assert PreprocessConfig.from_dict({"image_size": 64}).low_percentile == 1.0
     with pytest.raises(ValueError, match="unknown"):
         PreprocessConfig.from_dict({"image_size": 64, "spacing": 1})
@@ -209,7 +210,9 @@ def test_config_validation_and_dict_round_trip():
         with pytest.raises(ValueError):
             PreprocessConfig(image_size=bad)
     with pytest.raises(ValueError):
-        PreprocessConfig(low_percentile=50, high_percentile=40)
+        PreprocessConfig(low_percentile=100)
+    with pytest.raises(ValueError):
+        PreprocessConfig(reference_level=0.0)
 
 
 def test_constant_and_nan_volumes_rejected():
@@ -275,3 +278,16 @@ def test_tissue_masks_threshold_each_image_on_its_own():
     np.testing.assert_array_equal(masks[1], disk_b)
     assert not masks[2].any()
     np.testing.assert_array_equal(masks[0], tissue_mask(dim))
+
+
+def test_normalisation_is_robust_to_a_bright_lesion(case):
+    # a bright lesion covering ~1.5 % of the head must not darken the healthy tissue
+    head, vol, prep, cdata, caff = case
+    from AnomalySegLib.volume_io import Volume
+
+    data = vol.data.copy()
+    inside = np.argwhere(head.head)
+    lesion = inside[np.linalg.norm(inside - inside.mean(axis=0), axis=1).argsort()[: len(inside) * 3 // 200]]
+    data[tuple(lesion.T)] = data.max() * 3.0
+    with_lesion = prepare_volume(Volume(data, vol.affine), PreprocessConfig(image_size=S))
+    assert with_lesion.intensity_high == pytest.approx(prep.intensity_high, rel=0.05)
