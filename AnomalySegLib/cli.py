@@ -14,36 +14,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__
-from .errors import AnomalySegError, InputError, OutputError
+from .cli_args import fraction, image_size, percentile, positive_int
+from .errors import AnomalySegError, OutputError
 
 PROG = "anomalyseg"
-
-
-def _percentile(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value < 100.0:
-        raise argparse.ArgumentTypeError("must be between 0 and 100 (exclusive)")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
-
-
-def _image_size(text: str) -> int:
-    value = _positive_int(text)
-    if value % 32:
-        raise argparse.ArgumentTypeError("must be a multiple of 32 (e.g. 64, 128, 224)")
-    return value
 
 
 def _progress(args) -> Optional[object]:
@@ -127,9 +101,6 @@ def cmd_segment(args) -> int:
     threshold_for(model, args.percentile)  # fail early: uncalibrated model or bad percentile
     inputs = find_volumes(args.inputs)
     stems = [volume_stem(path) for path in inputs]
-    duplicates = sorted({s for s in stems if stems.count(s) > 1})
-    if duplicates:
-        raise InputError(f"several inputs would write the same outputs: {', '.join(duplicates)}")
     check_outputs_writable(args.output_dir, stems, overwrite=args.overwrite)
     failures = 0
     for path, stem in zip(inputs, stems):
@@ -182,15 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("healthy", nargs="+", metavar="HEALTHY", help="healthy volumes or folders of volumes")
     p.add_argument("--output", "-o", required=True, metavar="MODEL", help="model file to write (e.g. model.pt)")
     p.add_argument("--method", default="amcons", choices=("amcons", "gradcamcons", "vae"))
-    p.add_argument("--epochs", type=_positive_int, default=50)
-    p.add_argument("--image-size", type=_image_size, default=224, help="slice size (multiple of 32; paper: 224)")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--epochs", type=positive_int, default=50)
+    p.add_argument("--image-size", type=image_size, default=224, help="slice size (multiple of 32; paper: 224)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
-    p.add_argument("--width", type=_positive_int, default=64, help="encoder base width (64 = ResNet-18)")
-    p.add_argument("--latent-dim", type=_positive_int, default=32)
+    p.add_argument("--width", type=positive_int, default=64, help="encoder base width (64 = ResNet-18)")
+    p.add_argument("--latent-dim", type=positive_int, default=32)
     p.add_argument("--attention-stage", type=int, default=1, choices=range(0, 5),
                    help="encoder stage whose activations form the attention map (1 = first residual block)")
-    p.add_argument("--calibration-fraction", type=float, default=0.2,
+    p.add_argument("--calibration-fraction", type=fraction, default=0.2,
                    help="share of healthy volumes held out for threshold calibration")
     for name, help_text in (("beta", "KL weight"), ("lambda_h", "entropy weight (amcons)"),
                             ("t", "log-barrier t (gradcamcons)"), ("p", "size margin p (gradcamcons)"),
@@ -210,10 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="recalibrate a model's threshold on local healthy volumes")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("healthy", nargs="+", metavar="HEALTHY")
-    p.add_argument("--percentile", type=_percentile, default=None, help="new default healthy percentile")
+    p.add_argument("--percentile", type=percentile, default=None, help="new default healthy percentile")
     p.add_argument("--output", "-o", metavar="MODEL", help="write a new model file instead of updating MODEL")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     _device_arg(p)
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_calibrate)
@@ -222,17 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="volumes or folders (NIfTI, NRRD, MHA, DICOM folder)")
     p.add_argument("--model", "-m", required=True, metavar="MODEL")
     p.add_argument("--output-dir", "-o", required=True, metavar="DIR")
-    p.add_argument("--percentile", type=_percentile, default=None,
+    p.add_argument("--percentile", type=percentile, default=None,
                    help="healthy percentile used as threshold (default: the model's, 98 for amcons)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     _device_arg(p)
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("demo", help="offline demo on synthetic data built from the MNI152 template")
     p.add_argument("--output-dir", "-o", default="anomalyseg-demo", metavar="DIR")
-    p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default: a quick run)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: a quick run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     _device_arg(p)

@@ -18,45 +18,16 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from .cli_args import fraction, percentile, positive_int
 from .errors import InputError
 
 LABEL_PATTERN = "{name}_label.nii.gz"
-
-
-def _percentile(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value < 100.0:
-        raise argparse.ArgumentTypeError("must be between 0 and 100 (exclusive)")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError("must be between 0 and 1")
-    return value
 
 
 def _pattern(text: str) -> str:
     if text.count("{name}") != 1 or "/" in text:
         raise argparse.ArgumentTypeError("must contain {name} exactly once and no folder, e.g. {name}_label.nii.gz")
     return text
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
 
 
 def register(subparsers: Any) -> None:
@@ -76,17 +47,17 @@ def register(subparsers: Any) -> None:
                    help="label file name for image NAME (default: %(default)s)")
     p.add_argument("--healthy", metavar="DIR", help="folder of lesion-free volumes (false-positive fraction)")
     p.add_argument("--output-dir", "-o", required=True, metavar="DIR", help="where the report is written")
-    p.add_argument("--percentile", type=_percentile, default=None,
+    p.add_argument("--percentile", type=percentile, default=None,
                    help="healthy percentile for the calibrated threshold (default: the method's)")
-    p.add_argument("--detection-overlap", type=_fraction, default=0.0,
+    p.add_argument("--detection-overlap", type=fraction, default=0.0,
                    help="fraction of a lesion that must be predicted to count as detected (default: any voxel)")
     p.add_argument("--calibration-images", metavar="DIR",
                    help="--baseline only: healthy volumes (not test volumes) to calibrate the baseline on")
     p.add_argument("--baseline-mode", choices=("bright", "dark", "abs"), default="bright",
                    help="--baseline only: bright = intensity, dark/abs = below / distance from the healthy median")
-    p.add_argument("--image-size", type=_positive_int, default=224,
+    p.add_argument("--image-size", type=positive_int, default=224,
                    help="--baseline only: preprocessing slice size (as the models; multiple of 32)")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

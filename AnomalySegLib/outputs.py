@@ -40,7 +40,12 @@ def case_output_paths(output_dir: "str | os.PathLike[str]", stem: str) -> dict:
 
 
 def check_outputs_writable(output_dir: "str | os.PathLike[str]", stems, *, overwrite: bool) -> None:
-    """Fail before any work if an output exists (without ``overwrite``) or the folder is not writable."""
+    """Fail before any work if two cases share a name, an output exists (without
+    ``overwrite``) or the folder is not writable."""
+    stems = list(stems)
+    duplicated = sorted({s for s in stems if stems.count(s) > 1})
+    if duplicated:
+        raise OutputError(f"several inputs would write the same outputs: {', '.join(duplicated)}")
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output folder {out} is a file")

@@ -236,9 +236,6 @@ def main(argv=None, logic=None):
 
         cases = find_volumes(args.input)
         stems = [volume_stem(p) for p in cases]
-        duplicated = sorted({s for s in stems if stems.count(s) > 1})
-        if duplicated:
-            raise AnomalySegError(f"several inputs share the case name(s) {', '.join(duplicated)}")
         check_outputs_writable(args.output, stems, overwrite=args.overwrite)
         pathlib.Path(args.output).mkdir(parents=True, exist_ok=True)
         modelPath = chooseModel(logic, args.model)
