@@ -21,7 +21,7 @@ import torch
 
 from . import MODEL_FORMAT_VERSION, __version__
 from .calibration import Calibration
-from .errors import ModelFileError
+from .errors import ModelFileError, OutputError
 from .methods import MethodParams
 from .models import ConvVAE, VAEConfig
 from .preprocessing import PreprocessConfig
@@ -89,8 +89,6 @@ class AnomalyModel:
         """Write the model atomically (temporary file in the same folder, then rename)."""
         path = Path(path)
         if path.exists() and not overwrite:
-            from .errors import OutputError
-
             raise OutputError(f"{path} already exists (use --overwrite to replace it)")
         state = {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
         self.model_id = weights_digest(state)
@@ -114,8 +112,6 @@ def atomic_torch_save(payload: dict, path: Path) -> None:
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        from .errors import OutputError
-
         raise OutputError(f"cannot write {path}: folder {parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
@@ -123,8 +119,6 @@ def atomic_torch_save(payload: dict, path: Path) -> None:
         torch.save(payload, tmp)
         os.replace(tmp, path)
     except OSError as exc:
-        from .errors import OutputError
-
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
         if os.path.exists(tmp):
