@@ -16,9 +16,8 @@ Reconstruction and KL are sums over pixels / latent dims divided by the batch si
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +32,7 @@ from .losses import (
     size_constraint,
 )
 from .models import ConvVAE
+from .settings import JsonSettings
 
 __all__ = [
     "METHODS",
@@ -61,7 +61,7 @@ def _check_method(method: str) -> str:
 
 
 @dataclass
-class MethodParams:
+class MethodParams(JsonSettings):
     """Hyper-parameters of the training loss and the default calibration percentile."""
 
     method: str = "amcons"
@@ -86,19 +86,6 @@ class MethodParams:
             raise ValueError(f"MethodParams.warmup_epochs must be an integer >= 0, got {self.warmup_epochs!r}")
         if not 0 < self.default_percentile < 100:
             raise ValueError(f"MethodParams.default_percentile must be in (0, 100), got {self.default_percentile}")
-
-    def to_dict(self) -> Dict[str, Any]:
-        """Plain dict (JSON-serialisable)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "MethodParams":
-        """Inverse of :meth:`to_dict`; unknown keys raise ValueError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown MethodParams keys: {', '.join(unknown)}")
-        return cls(**d)
 
     @classmethod
     def defaults(cls, method: str) -> "MethodParams":

@@ -29,11 +29,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .settings import JsonSettings
 
 __all__ = ["VAEConfig", "VAEOutput", "ConvVAE", "BasicBlock", "UpBlock"]
 
@@ -41,7 +43,7 @@ NUM_STAGES = 5
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(JsonSettings):
     """Architecture of :class:`ConvVAE` (stored in the model file as JSON)."""
 
     in_channels: int = 1
@@ -70,19 +72,6 @@ class VAEConfig:
             raise ValueError(
                 f"VAEConfig.attention_stage must be in 0..{NUM_STAGES - 1}, got {self.attention_stage}"
             )
-
-    def to_dict(self) -> Dict[str, int]:
-        """Plain dict (JSON-serialisable)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "VAEConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise ValueError (no silent typos)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown VAEConfig keys: {', '.join(unknown)}")
-        return cls(**d)
 
 
 class VAEOutput(NamedTuple):

@@ -41,8 +41,8 @@ per-pixel ``map_coordinates`` call; the result is the same as
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 from scipy import sparse
@@ -51,6 +51,7 @@ from skimage.filters import threshold_otsu
 from .brain_mask import tissue_masks
 from .errors import InputError
 from .geometry import AxisReorientation, canonical_reorientation, voxel_spacing
+from .settings import JsonSettings
 from .volume_io import Volume
 
 # Coordinates this close outside the grid (float round-off) count as on the edge.
@@ -58,7 +59,7 @@ _EDGE_EPS = 1e-6
 
 
 @dataclass
-class PreprocessConfig:
+class PreprocessConfig(JsonSettings):
     """Preprocessing parameters (stored in the model file; training and inference share them)."""
 
     image_size: int = 224
@@ -85,19 +86,6 @@ class PreprocessConfig:
             raise ValueError(f"fov_margin must be in [0, 10], got {self.fov_margin}")
         if not 0.0 <= self.min_brain_fraction < 1.0:
             raise ValueError(f"min_brain_fraction must be in [0, 1), got {self.min_brain_fraction}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PreprocessConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise ValueError, missing keys take defaults."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown preprocessing option(s): {', '.join(unknown)}")
-        return cls(**dict(d))
 
 
 @dataclass

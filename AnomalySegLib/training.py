@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -29,13 +29,14 @@ from .model_file import AnomalyModel, atomic_torch_save, load_model, read_payloa
 from .models import ConvVAE, VAEConfig
 from .preprocessing import PreparedVolume, PreprocessConfig, prepare_volume
 from .progress import CancelCallback, EtaEstimator, ProgressCallback, ProgressEvent, check_cancel, emit
+from .settings import JsonSettings
 from .volume_io import Volume, read_volume
 
 CHECKPOINT_FORMAT = "anomalyseg-checkpoint"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonSettings):
     """Everything that defines a training run (stored in the model's training summary)."""
 
     method: str = "amcons"
@@ -65,15 +66,6 @@ class TrainConfig:
             raise ValueError("learning rate must be > 0")
         if not 0.0 <= self.calibration_fraction < 1.0:
             raise ValueError("calibration fraction must be in [0, 1)")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        """Build from a dict (e.g. a worker request), rejecting unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-        return cls(**data)
 
 
 def method_params_for(config: TrainConfig) -> MethodParams:
