@@ -19,7 +19,7 @@ from .errors import Cancelled
 
 @dataclass
 class ProgressEvent:
-    """One progress update; ``fraction`` is the completed share of the whole operation."""
+    """One progress update; ``fraction`` is the completed share of the current ``stage``."""
 
     stage: str
     fraction: float

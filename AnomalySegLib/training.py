@@ -351,8 +351,12 @@ def _train(healthy, config: TrainConfig, ddp: _Dist, *, output, init, checkpoint
                              optimizer=optimizer, scaler=scaler, history=history, names=names, init_id=init_id)
 
     network.eval()
+    recorded = asdict(config)
+    if init_model is not None:  # the architecture comes from the base model, not from the config
+        recorded.update(image_size=network_config.image_size, base_width=network_config.base_width,
+                        latent_dim=network_config.latent_dim, attention_stage=network_config.attention_stage)
     training_summary = {
-        "config": asdict(config),
+        "config": recorded,
         "epochs_trained": config.epochs,
         "train_volumes": len(train_idx),
         "train_slices": int(n_images),

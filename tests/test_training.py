@@ -108,6 +108,7 @@ def test_fine_tuning_starts_from_the_base_model(small_volumes):
     # a learning rate of ~0 keeps the weights: the fine-tuned model must equal its base
     tuned = train_model(small_volumes, TrainConfig(**{**FAST, "learning_rate": 1e-30, "image_size": 64}), init=base)
     assert tuned.network_config == base.network_config  # architecture comes from the base model
+    assert tuned.training["config"]["image_size"] == base.network_config.image_size == 32
     for k, v in _weights(base).items():
         if "running" in k or "num_batches" in k:
             continue  # BatchNorm statistics keep updating
