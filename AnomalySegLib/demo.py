@@ -103,7 +103,7 @@ def run_demo(
 ) -> dict:
     """Run the offline demo into ``output_dir`` and return its summary (also ``summary.json``)."""
     from .baselines import IntensityBaseline
-    from .evaluation import evaluate_model
+    from .evaluation import evaluate_model, summary_row
     from .inference import segment_volume
     from .outputs import write_case_outputs
     from .synthetic import make_cohort
@@ -162,24 +162,13 @@ def run_demo(
         _save_overlay(overlay, volume.data, result.heatmap, result.mask, label.astype(np.uint8), volume.affine,
                       f"{volume_stem(path)}: AMCons, threshold = healthy p{result.percentile:g}")
 
-    def pick(res: dict) -> dict:
-        pooled = res["pooled"]
-        return {
-            "auprc": pooled.get("auprc"),
-            "auroc": pooled.get("auroc"),
-            "dice_at_healthy_threshold": pooled.get("dice_calibrated"),
-            "oracle_best_dice": pooled.get("oracle_best_dice"),
-            "lesion_detection_rate": res.get("detection", {}).get("detection_rate"),
-            "false_positive_fraction_lesion_free": res.get("lesion_free", {}).get("fp_fraction_pooled"),
-        }
-
     summary = {
         "output_dir": str(out),
         "model": str(model_path),
         "model_version": model.version,
         "seconds": round(time.time() - started, 1),
-        "amcons": pick(amcons),
-        "intensity_baseline": pick(intensity),
+        "amcons": summary_row(amcons),
+        "intensity_baseline": summary_row(intensity),
         "overlay": str(overlay) if first_lesion is not None else None,
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
     }
@@ -192,8 +181,8 @@ def run_demo(
     echo(f"{'method':<22}{'AUPRC':>8}{'AUROC':>8}{'Dice@p' + format(model.method.default_percentile, 'g'):>10}"
          f"{'oracle Dice':>13}")
     for name, row in (("AMCons (demo model)", summary["amcons"]), ("intensity threshold", summary["intensity_baseline"])):
-        echo(f"{name:<22}{fmt(row['auprc']):>8}{fmt(row['auroc']):>8}{fmt(row['dice_at_healthy_threshold']):>10}"
-             f"{fmt(row['oracle_best_dice']):>13}")
+        echo(f"{name:<22}{fmt(row['AUPRC']):>8}{fmt(row['AUROC']):>8}{fmt(row['Dice (calibrated)']):>10}"
+             f"{fmt(row['[Dice] ORACLE']):>13}")
     echo("(oracle Dice uses the lesion masks to pick the threshold: an upper bound, not a result)")
     echo(f"outputs: {seg_dir}  overlay: {summary['overlay']}  model: {model_path}  ({summary['seconds']} s)")
     return summary
