@@ -1202,10 +1202,9 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
         text = mapNode.GetAttribute(self.ATTR_CALIBRATION)
         if not text:
             raise anomalyErrors.AnomalySegError(f"{mapNode.GetName()} has no AnomalySeg calibration table")
-        threshold = Calibration.from_dict(json.loads(text)).threshold(float(percentile))
         heatmap = slicer.util.arrayFromVolume(mapNode)
-        mask = ((heatmap > threshold) & (heatmap != 0)).astype(np.uint8)
-        return threshold, mask
+        threshold, mask = Calibration.from_dict(json.loads(text)).flag(heatmap, heatmap != 0, float(percentile))
+        return threshold, mask.astype(np.uint8)
 
     def rethreshold(self, mapNode, segmentationNode, percentile: float) -> float:
         """Re-threshold the stored map at ``percentile`` into the segmentation (numpy only, no network)."""

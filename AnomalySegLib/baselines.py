@@ -116,8 +116,9 @@ class IntensityBaseline:
 
     def predict_mask(self, scores: VolumeScores, percentile: Optional[float] = None) -> tuple[np.ndarray, float]:
         """``(mask, threshold)``: brain voxels scoring above the healthy-percentile threshold."""
-        thr = self.threshold(percentile)
-        mask = (np.asarray(scores.heatmap) > thr) & np.asarray(scores.brain_mask, dtype=bool)
+        self.threshold(percentile)  # checks that the baseline is calibrated
+        pct = self.default_percentile if percentile is None else float(percentile)
+        thr, mask = self.calibration.flag(scores.heatmap, scores.brain_mask, pct)
         return mask, thr
 
     # -- fitting ----------------------------------------------------------------------

@@ -51,6 +51,15 @@ class Calibration:
             raise ValueError(f"percentile must be within 0..100, got {percentile}")
         return float(np.interp(percentile, self.percentiles, self.values))
 
+    def flag(self, heatmap: np.ndarray, brain_mask: np.ndarray, percentile: float) -> "tuple[float, np.ndarray]":
+        """``(threshold, mask)``: brain voxels scoring above the percentile's threshold.
+
+        The one thresholding rule (``score > threshold`` inside the brain), shared by
+        ``anomalyseg segment``, the baselines and the Slicer module's instant re-threshold.
+        """
+        threshold = self.threshold(percentile)
+        return threshold, (np.asarray(heatmap) > threshold) & np.asarray(brain_mask, dtype=bool)
+
     def percentile_of(self, score: float) -> float:
         """Healthy percentile of ``score`` (inverse of :meth:`threshold`)."""
         # np.interp needs increasing x: the quantile table is non-decreasing; ties are fine

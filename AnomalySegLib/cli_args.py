@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 
 
-def percentile(text: str) -> float:
-    """A healthy percentile strictly between 0 and 100."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def percentile(text: str) -> float:
+    """A healthy percentile strictly between 0 and 100."""
+    value = _number(text)
     if not 0.0 < value < 100.0:
         raise argparse.ArgumentTypeError("must be between 0 and 100 (exclusive)")
     return value
@@ -18,10 +22,7 @@ def percentile(text: str) -> float:
 
 def fraction(text: str) -> float:
     """A number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _number(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError("must be between 0 and 1")
     return value

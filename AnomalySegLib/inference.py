@@ -155,8 +155,8 @@ def threshold_for(model: "AnomalyModel", percentile: Optional[float]) -> "tuple[
 
 def threshold_scores(scores: VolumeScores, model: "AnomalyModel", *, percentile: Optional[float] = None) -> SegmentationResult:
     """Mask = brain voxels whose score exceeds the healthy-percentile threshold (no network run)."""
-    pct, threshold = threshold_for(model, percentile)
-    mask = (scores.heatmap > threshold) & scores.brain_mask
+    pct, _ = threshold_for(model, percentile)
+    threshold, mask = model.calibration.flag(scores.heatmap, scores.brain_mask, pct)
     lesions: list[Lesion] = find_lesions(mask, scores.volume.affine, scores.heatmap)
     return SegmentationResult(
         heatmap=scores.heatmap,
