@@ -93,6 +93,7 @@ except ImportError:  # source checkout: the core package is one folder up
 from AnomalySegLib import errors as anomalyErrors  # noqa: E402 - after the path fix above
 from AnomalySegLib.calibration import Calibration  # noqa: E402
 from AnomalySegLib.model_registry import MODEL_DIR_ENV, ModelEntry, ModelRegistry, default_model_dir  # noqa: E402
+from AnomalySegLib.profiles import DEFAULT_METHOD, PROFILES  # noqa: E402
 from AnomalySegLib.worker import WorkerProcess  # noqa: E402
 
 
@@ -116,7 +117,7 @@ class AnomalySeg(ScriptedLoadableModule):
             "press <i>Segment anomalies</i>; move the sensitivity slider to re-threshold instantly. "
             "<b>Training</b>: train and calibrate your own model on a healthy cohort. "
             "Results are for research use, not for diagnosis. See the "
-            '<a href="https://github.com/anomalyseg/AnomalySeg/blob/main/docs/SLICER.md">user guide</a>.'
+            '<a href="https://github.com/anomalyseg/SlicerAnomalySeg/blob/main/docs/SLICER.md">user guide</a>.'
         )
         self.parent.acknowledgementText = _(
             "Implements J. Silva-Rodr\u00edguez, V. Naranjo and J. Dolz, \"Constrained unsupervised anomaly "
@@ -143,16 +144,35 @@ class Device(enum.Enum):
 
 
 class Method(enum.Enum):
-    """Training method (see the paper)."""
+    """Training method: every method of AnomalySegLib.methods.METHODS (checked by the tests)."""
 
+    DAE = "dae"
     AMCONS = "amcons"
     GRADCAMCONS = "gradcamcons"
     VAE = "vae"
 
     def label(self):
         """Combo box text."""
-        return {"amcons": _("AMCons (attention, recommended)"), "gradcamcons": _("GradCAMCons"),
-                "vae": _("VAE residual (baseline)")}[self.value]
+        return {"dae": _("Denoising auto-encoder (recommended)"), "amcons": _("AMCons (attention, the paper)"),
+                "gradcamcons": _("GradCAMCons (the paper)"), "vae": _("VAE residual (baseline)")}[self.value]
+
+
+class Profile(enum.Enum):
+    """Training profile (AnomalySegLib.profiles): the settings used without tuning, as ``anomalyseg train``."""
+
+    AUTO = "auto"
+    FAST = "fast"
+    PAPER = "paper"
+
+    def label(self):
+        """Combo box text."""
+        return {"auto": _("Auto (paper on a CUDA GPU, fast on CPU)"), "fast": _("Fast (CPU, minutes)"),
+                "paper": _("Paper (the paper's scale, for a GPU)")}[self.value]
+
+
+#: Parameter node name -> TrainConfig field, for the values a training profile sets.
+PROFILE_PARAMETERS = {"epochs": "epochs", "imageSize": "image_size", "baseWidth": "base_width",
+                      "learningRate": "learning_rate", "batchSize": "batch_size"}
 
 
 if SLICER_APP:
@@ -167,7 +187,10 @@ if SLICER_APP:
         percentile - sensitivity: healthy percentile used as threshold.
         anomalyMap, anomalySegmentation - outputs of the last run (re-thresholded by the slider).
         healthyFolder - folder of healthy volumes for training / calibration.
-        method, epochs, imageSize, batchSize - training settings.
+        profile - training profile (auto | fast | paper), as ``anomalyseg train --profile``.
+        method - training method (default: the library's DEFAULT_METHOD).
+        epochs, imageSize, baseWidth, learningRate, batchSize - the profile's values as shown;
+            a value that differs from the shown profile's is sent as an explicit override.
         baseModelPath - optional model to fine-tune.
         modelName - name of the trained model in the model list.
         """
@@ -179,10 +202,14 @@ if SLICER_APP:
         anomalyMap: vtkMRMLScalarVolumeNode
         anomalySegmentation: vtkMRMLSegmentationNode
         healthyFolder: pathlib.Path
-        method: Method = Method.AMCONS
-        epochs: Annotated[int, WithinRange(1, 2000)] = 50
-        imageSize: Annotated[int, WithinRange(32, 512)] = 224
-        batchSize: Annotated[int, WithinRange(1, 512)] = 32
+        profile: Profile = Profile.AUTO
+        method: Method = Method(DEFAULT_METHOD)
+        # defaults: the "fast" profile, what "auto" shows until the training device is known
+        epochs: Annotated[int, WithinRange(1, 2000)] = PROFILES["fast"]["epochs"]
+        imageSize: Annotated[int, WithinRange(32, 512)] = PROFILES["fast"]["image_size"]
+        baseWidth: Annotated[int, WithinRange(1, 512)] = PROFILES["fast"]["base_width"]
+        learningRate: Annotated[float, WithinRange(1e-6, 1.0)] = PROFILES["fast"]["learning_rate"]
+        batchSize: Annotated[int, WithinRange(1, 512)] = PROFILES["fast"]["batch_size"]
         baseModelPath: pathlib.Path
         modelName: str = "my-model"
 
@@ -214,6 +241,7 @@ class AnomalySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lossHistory = []
         self._lossRedrawPending = False
         self._running = None  # None | "segment" | "train" | "calibrate"
+        self._shownProfile = None  # the profile whose values the training fields were filled with
 
     def setup(self):
         """Load the .ui, create the logic, connect signals."""
@@ -272,7 +300,11 @@ class AnomalySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event):
-        """The parameter node is about to go away."""
+        """The scene is closing: stop any run (its results belong to the old scene), drop the parameter node."""
+        if self.logic is not None and self.logic.isRunning:
+            self.logic.cancel()
+        self._rethresholdTimer.stop()
+        self._lastInputVolume = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -301,23 +333,54 @@ class AnomalySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self._appliedPercentile = self._parameterNode.percentile
             self._selectModelInList(self._parameterNode.modelPath)
+            # the fields keep the values stored in the node (they may hold the user's overrides)
+            self._shownProfile = self._profileToShow()
+            self._updateProfileLabel()
         self._updateButtons()
 
     def _onParameterNodeModified(self, caller=None, event=None):
         self._updateButtons()
         p = self._parameterNode
-        if p and p.inputVolume is not self._lastInputVolume and self._running != "segment":
-            # show the outputs that belong to the newly selected input (if it was segmented before)
-            self._lastInputVolume = p.inputVolume
-            mapNode, segNode = self.logic.findOutputs(p.inputVolume) if p.inputVolume else (None, None)
-            if mapNode is not p.anomalyMap or segNode is not p.anomalySegmentation:
-                self._appliedPercentile = None
-                p.anomalyMap, p.anomalySegmentation = mapNode, segNode
-                self._clearLesions()
-                return
-        if p and p.anomalyMap and p.anomalySegmentation and self._running != "segment":
+        if p is None:
+            return
+        self._syncProfileFields()
+        if self._running == "segment":
+            return
+        if p.inputVolume is not self._lastInputVolume:
+            self._showOutputsOf(p.inputVolume)
+            return
+        if p.anomalyMap and p.anomalySegmentation:
             if self._appliedPercentile is None or abs(p.percentile - self._appliedPercentile) > 1e-9:
                 self._rethresholdTimer.start()
+
+    def _showOutputsOf(self, inputVolume):
+        """Show the outputs made earlier for ``inputVolume`` exactly as they are.
+
+        The slider is restored from the segmentation's stored percentile and the lesion
+        table is measured on the segmentation itself, so edits made in the Segment
+        Editor survive switching inputs: nothing is re-thresholded until the user
+        moves the slider.
+        """
+        p = self._parameterNode
+        self._lastInputVolume = inputVolume
+        self._rethresholdTimer.stop()  # a slider move pending for the previous input is dropped
+        mapNode, segNode = self.logic.findOutputs(inputVolume) if inputVolume else (None, None)
+        stored = self.logic.storedPercentile(segNode) if mapNode and segNode else None
+        wasModifying = p.StartModify()
+        try:
+            p.anomalyMap, p.anomalySegmentation = (mapNode, segNode) if stored is not None else (None, None)
+            if stored is not None:
+                p.percentile = min(max(stored, 80.0), 99.99)
+            # set before EndModify: its ModifiedEvent must not look like a slider move
+            self._appliedPercentile = p.percentile if stored is not None else None
+        finally:
+            p.EndModify(wasModifying)
+        self._clearLesions()
+        if stored is not None:
+            with slicer.util.tryWithErrorDisplay(_("Failed to list the lesions.")):
+                threshold = segNode.GetAttribute(AnomalySegLogic.ATTR_THRESHOLD)
+                self._showLesions(self.logic.lesionTable(segNode), float(threshold) if threshold else float("nan"),
+                                  stored)
 
     def _updateButtons(self):
         p = self._parameterNode
@@ -379,9 +442,10 @@ class AnomalySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode.modelPath != path:
             self._parameterNode.modelPath = path
             entry = self.logic.modelEntry(path) if path else None
-            if entry is not None and entry.default_percentile is not None:
-                # each method has its own recommended sensitivity (e.g. 98 AMCons, 95 GradCAMCons)
-                self._parameterNode.percentile = min(max(float(entry.default_percentile), 80.0), 99.99)
+            default = self.logic.entryDefaultPercentile(entry) if entry is not None else None
+            if default is not None:
+                # the model's operating point (chosen on healthy volumes), else its method's default
+                self._parameterNode.percentile = min(max(default, 80.0), 99.99)
 
     def onImportModel(self):
         """Validate a model file (in the worker) and copy it into the model folder."""
@@ -390,6 +454,8 @@ class AnomalySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not path:
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to import the model."), waitCursor=True):
+            if not self.logic.ensureDependencies(askUser=True):  # the worker validates the file with torch
+                return
             try:
                 entry = self.logic.importModel(path)
             except anomalyErrors.OutputError:
@@ -435,27 +501,31 @@ class AnomalySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onSegmentFinished(self, result, error):
         self._running = None
         self._updateButtons()
-        self._lastInputVolume = self._parameterNode.inputVolume
+        p = self._parameterNode
         if error is not None:
             self.ui.segmentProgressBar.value = 0
-            if isinstance(error, anomalyErrors.Cancelled):
+            if isinstance(error, DiscardedResult):
+                self.ui.segmentStatusLabel.text = str(error)
+            elif isinstance(error, anomalyErrors.Cancelled):
                 self.ui.segmentStatusLabel.text = _("Cancelled.")
             else:
                 self.ui.segmentStatusLabel.text = _("Failed: {message}").format(message=error)
                 slicer.util.errorDisplay(_("Segmentation failed: {message}").format(message=error))
             return
         self.ui.segmentProgressBar.value = 100
-        p = self._parameterNode
-        if result.mapNode.GetNodeReference(AnomalySegLogic.INPUT_REFERENCE_ROLE) is not p.inputVolume:
-            # the user picked another input while this one was running: keep its outputs, do not show them
+        if p is None or result.mapNode.GetNodeReference(AnomalySegLogic.INPUT_REFERENCE_ROLE) is not p.inputVolume:
+            # module hidden, or the user picked another input meanwhile: keep the outputs, do not show them
             self.ui.segmentStatusLabel.text = _("Done: {name}").format(name=result.segmentationNode.GetName())
             return
+        self._lastInputVolume = p.inputVolume
         wasModifying = p.StartModify()
-        p.anomalyMap = result.mapNode
-        p.anomalySegmentation = result.segmentationNode
-        p.percentile = min(max(result.percentile, 80.0), 99.99)
-        self._appliedPercentile = p.percentile
-        p.EndModify(wasModifying)
+        try:
+            p.anomalyMap = result.mapNode
+            p.anomalySegmentation = result.segmentationNode
+            p.percentile = min(max(result.percentile, 80.0), 99.99)
+            self._appliedPercentile = p.percentile
+        finally:
+            p.EndModify(wasModifying)
         self._showLesions(result.lesions, result.threshold, result.percentile)
 
     def applyRethreshold(self):
@@ -464,10 +534,10 @@ class AnomalySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not (p and p.anomalyMap and p.anomalySegmentation):
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to update the segmentation.")):
-            threshold = self.logic.rethreshold(p.anomalyMap, p.anomalySegmentation, p.percentile)
             self._appliedPercentile = p.percentile
-            rows = self.logic.lesionTable(p.anomalySegmentation)
-            self._showLesions(rows, threshold, p.percentile)
+            # threshold, small-component removal and lesion list in one core call (no export back)
+            result = self.logic.segmentMap(p.anomalyMap, p.anomalySegmentation, p.percentile)
+            self._showLesions(result.lesions, result.threshold, result.percentile)
 
     def _clearLesions(self):
         self.ui.lesionTableWidget.setRowCount(0)
@@ -504,6 +574,73 @@ class AnomalySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             raise ValueError(_("Choose a folder of healthy volumes or check loaded healthy volumes."))
         return folder, nodes
 
+    def _profileToShow(self) -> str:
+        """The profile whose values the training fields show (``auto`` resolved as far as known here)."""
+        p = self._parameterNode
+        return displayedProfile(p.profile.value, p.device.value, self.logic.autoProfiles.get(p.device.value))
+
+    def _syncProfileFields(self):
+        """Selecting another profile (or a device that changes what ``auto`` means) fills the fields."""
+        shown = self._profileToShow()
+        if shown != self._shownProfile:
+            self._shownProfile = shown  # first: the fill below re-enters through ModifiedEvent
+            self._setProfileFields(PROFILES[shown])
+        self._updateProfileLabel()
+
+    def _setProfileFields(self, settings: dict):
+        """Write TrainConfig-named ``settings`` (epochs, image_size, ...) into the training fields."""
+        p = self._parameterNode
+        wasModifying = p.StartModify()
+        try:
+            for name, key in PROFILE_PARAMETERS.items():
+                if settings.get(key) is not None:
+                    setattr(p, name, settings[key])
+        finally:
+            p.EndModify(wasModifying)
+
+    def trainingRequestSettings(self):
+        """``(profile, overrides, config)`` for the worker's train request.
+
+        ``overrides`` holds only the fields whose value differs from the shown profile's
+        (the user changed them); ``config`` the method and the device.
+        """
+        p = self._parameterNode
+        values = {key: getattr(p, name) for name, key in PROFILE_PARAMETERS.items()}
+        overrides = profileOverrides(values, self._shownProfile or self._profileToShow())
+        return p.profile.value, overrides, {"method": p.method.value, "device": p.device.value}
+
+    def _updateProfileLabel(self):
+        p = self._parameterNode
+        if p is None:
+            return
+        shown = self._shownProfile or self._profileToShow()
+        _profile, overrides, _config = self.trainingRequestSettings()
+        if p.profile == Profile.AUTO and p.device == Device.AUTO and p.device.value not in self.logic.autoProfiles:
+            text = _("Auto: 'paper' on a CUDA GPU, 'fast' on CPU, decided when training starts; "
+                     "the fields show 'fast'.")
+        else:
+            text = _("Profile '{name}'.").format(name=shown)
+        if overrides:
+            text += " " + _("Your values replace the profile's: {names}.").format(
+                names=", ".join(sorted(overrides)))
+        self.ui.profileInfoLabel.text = text
+
+    def _showSettingsThatRun(self, settings: dict):
+        """The worker resolved the settings (``auto`` against its device): show exactly those."""
+        p = self._parameterNode
+        if p is None:
+            return
+        if p.profile == Profile.AUTO and settings.get("profile") in PROFILES:
+            self.logic.autoProfiles[p.device.value] = settings["profile"]
+        self._shownProfile = self._profileToShow()
+        self._setProfileFields(settings)
+        self.ui.profileInfoLabel.text = _(
+            "Training {method} on {device} with profile '{profile}': {size} px, width {width}, {epochs} epochs, "
+            "batch {batch}, learning rate {lr:g}.").format(
+            method=settings.get("method"), device=settings.get("device_type"), profile=settings.get("profile"),
+            size=settings.get("image_size"), width=settings.get("base_width"), epochs=settings.get("epochs"),
+            batch=settings.get("batch_size"), lr=float(settings.get("learning_rate") or 0.0))
+
     def onStartTraining(self):
         """Train a model on the healthy cohort in the worker; plot the loss live."""
         p = self._parameterNode
@@ -518,14 +655,14 @@ class AnomalySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         _("A model named '{name}' exists. Replace it?").format(name=p.modelName)):
                     return
                 overwrite = True
-            config = {"method": p.method.value, "epochs": p.epochs, "image_size": p.imageSize,
-                      "batch_size": p.batchSize, "device": p.device.value}
+            profile, overrides, config = self.trainingRequestSettings()
             self._lossHistory = []
             self._drawLossPlot()
             self._running = "train"
             self._updateButtons()
             try:
                 self.logic.train(healthyFolder=folder, healthyVolumes=nodes, modelName=p.modelName, config=config,
+                                 profile=profile, overrides=overrides,
                                  baseModelPath=str(p.baseModelPath) if _pathIsSet(p.baseModelPath) else None,
                                  overwrite=overwrite, waitForCompletion=False,
                                  progressCallback=self._onTrainingProgress, finishedCallback=self._onTrainingFinished)
@@ -561,6 +698,9 @@ class AnomalySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainingStatusLabel.text = _("Stopping...")
 
     def _onTrainingProgress(self, message):
+        if isinstance(message.get("settings"), dict):
+            self._showSettingsThatRun(message["settings"])
+            return
         self.ui.trainingProgressBar.value = int(round(100 * float(message.get("fraction", 0.0))))
         self.ui.trainingStatusLabel.text = formatProgress(message)
         losses = message.get("losses") or {}
@@ -619,6 +759,40 @@ class AnomalySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 LOSS_PLOT_MARGIN = 6
+
+
+def displayedProfile(profile: str, device: str, autoResolved: Optional[str] = None) -> str:
+    """The profile whose values the Training panel shows for ``profile`` on ``device``.
+
+    ``fast``/``paper`` are themselves. ``auto`` resolves as the worker will: ``paper``
+    on a CUDA device, ``fast`` on the CPU; with device ``auto`` the GUI cannot tell
+    without importing torch, so it shows ``autoResolved`` (what ``auto`` resolved to
+    in an earlier run on this machine) or else ``fast``.
+    """
+    if profile in PROFILES:
+        return profile
+    if profile != "auto":
+        raise ValueError(f"unknown profile {profile!r}")
+    if device == "cuda" or device.startswith("cuda:"):
+        return "paper"
+    if device == "cpu":
+        return "fast"
+    return autoResolved if autoResolved in PROFILES else "fast"
+
+
+def profileOverrides(values: dict, profile: str) -> dict:
+    """The entries of ``values`` (TrainConfig names) that differ from ``profile``'s: the explicit overrides."""
+    base = PROFILES[profile]
+    overrides = {}
+    for key, value in values.items():
+        reference = base.get(key)
+        if isinstance(value, float) or isinstance(reference, float):
+            same = reference is not None and math.isclose(float(value), float(reference), rel_tol=1e-6, abs_tol=0.0)
+        else:
+            same = value == reference
+        if not same:
+            overrides[key] = value
+    return overrides
 
 
 def formatSeconds(seconds) -> str:
@@ -687,6 +861,10 @@ class AnomalySegResult:
     report: dict = field(default_factory=dict)
 
 
+class DiscardedResult(anomalyErrors.Cancelled):
+    """A run finished for an input that is no longer in the scene (closed or deleted meanwhile)."""
+
+
 class DependencyError(RuntimeError):
     """Python packages the worker needs are missing and could not be installed."""
 
@@ -708,6 +886,9 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
     ATTR_MODEL_PATH = "AnomalySeg.ModelPath"
     ATTR_THRESHOLD = "AnomalySeg.Threshold"
     ATTR_PERCENTILE = "AnomalySeg.Percentile"
+    ATTR_FALLBACK_PERCENTILE = "AnomalySeg.FallbackPercentile"
+    #: Healthy percentile for maps made before the fallback was stored (the AMCons default).
+    DEFAULT_PERCENTILE = 98.0
     INPUT_REFERENCE_ROLE = "AnomalySegInput"
     MAP_REFERENCE_ROLE = "AnomalySegMap"
     #: Heat colour tables, first one present in the scene wins.
@@ -728,6 +909,8 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
                                       inspector=self.inspectModel)
         self._worker = None
         self._timer = None
+        #: device choice ("auto", ...) -> the profile "auto" resolved to in a run on this machine
+        self.autoProfiles = {}
 
     def getParameterNode(self):
         """Typed parameter node (Slicer application only)."""
@@ -766,16 +949,28 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
         return default_model_dir()
 
     def workerPython(self) -> str:
-        """Interpreter for the worker: PythonSlicer inside Slicer, else this Python."""
+        """Interpreter for the worker: PythonSlicer inside Slicer, else this Python.
+
+        Inside the application ``sys.executable`` is SlicerApp-real (it would start a
+        second Slicer), so a missing PythonSlicer is an error, never a fallback.
+        """
         if self.pythonExecutable:
             return self.pythonExecutable
         if os.environ.get("ANOMALYSEG_PYTHON"):
             return os.environ["ANOMALYSEG_PYTHON"]
-        if self.hasApplication():
-            found = shutil.which("PythonSlicer")
-            if found:
-                return found
-        return sys.executable
+        if not self.hasApplication():
+            return sys.executable
+        name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+        candidates = [shutil.which("PythonSlicer")]
+        for folder in (getattr(slicer.app, "slicerHome", "") or "", os.path.dirname(sys.executable)):
+            if folder:
+                candidates += [os.path.join(folder, "bin", name), os.path.join(folder, name)]
+        for candidate in candidates:
+            if candidate and os.path.isfile(candidate):
+                return candidate
+        raise anomalyErrors.AnomalySegError(
+            "cannot find PythonSlicer (Slicer's Python interpreter) next to this Slicer; "
+            "reinstall Slicer or set the ANOMALYSEG_PYTHON environment variable to its path")
 
     @staticmethod
     def libraryParentDir() -> str:
@@ -783,100 +978,110 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
         return str(pathlib.Path(AnomalySegLib.__file__).resolve().parent.parent)
 
     # ------------------------------------------------------------------ dependencies
-    @staticmethod
-    def requirements() -> list:
-        """Requirement lines of Resources/requirements.txt plus torch (installed via SlicerPyTorch)."""
-        lines = ["torch>=2.1"]
-        if REQUIREMENTS_FILE.exists():
-            for line in REQUIREMENTS_FILE.read_text(encoding="utf-8").splitlines():
-                line = line.split("#", 1)[0].strip()
-                if line:
-                    lines.append(line)
-        return lines
+    #: Torch comes from the PyTorch extension (right CUDA/CPU build), never from a plain pip install.
+    TORCH_REQUIREMENT = ">=2.1"
 
     @staticmethod
-    def _requirementSatisfied(line: str) -> bool:
+    def _packaging():
+        """``slicer.packaging`` (Slicer >= 5.10), or None in older Slicer and slicer-core."""
+        try:
+            from slicer import packaging
+        except ImportError:
+            return None
+        return packaging if hasattr(packaging, "pip_ensure") else None
+
+    def requirements(self) -> list:
+        """Requirements of Resources/requirements.txt (without torch), as ``packaging`` Requirement objects."""
+        packaging = self._packaging()
+        if packaging is not None:
+            return packaging.load_requirements(REQUIREMENTS_FILE)
+        from packaging.requirements import Requirement  # bundled with every Slicer
+
+        lines = REQUIREMENTS_FILE.read_text(encoding="utf-8").splitlines()
+        return [Requirement(line.strip()) for line in lines if line.strip() and not line.strip().startswith(("#", "-"))]
+
+    def _satisfied(self, requirement) -> bool:
+        packaging = self._packaging()
+        if packaging is not None:
+            return bool(packaging.pip_check(requirement))
         import importlib.metadata
 
         try:
-            from packaging.requirements import Requirement
-
-            requirement = Requirement(line)
-            name, specifier = requirement.name, requirement.specifier
-        except Exception:  # packaging missing: check presence only
-            name, specifier = line.split(";")[0].split("<")[0].split(">")[0].split("=")[0].split("!")[0].strip(), None
-        try:
-            version = importlib.metadata.version(name)
+            return requirement.specifier.contains(importlib.metadata.version(requirement.name), prereleases=True)
         except importlib.metadata.PackageNotFoundError:
             return False
-        return specifier is None or specifier.contains(version, prereleases=True)
+
+    @staticmethod
+    def torchInstalled() -> bool:
+        """True when torch is importable in the worker's environment (checked without importing it)."""
+        import importlib.util
+
+        return importlib.util.find_spec("torch") is not None
 
     def missingDependencies(self, includeTorch: bool = True) -> list:
-        """Requirement lines not satisfied in this Python environment (nothing is imported)."""
-        return [line for line in self.requirements() if not self._requirementSatisfied(line)
-                and (includeTorch or not line.startswith("torch"))]
+        """Requirement strings not satisfied in this Python environment (nothing is imported)."""
+        missing = [str(req) for req in self.requirements() if not self._satisfied(req)]
+        if includeTorch and not self.torchInstalled():
+            missing.insert(0, "torch" + self.TORCH_REQUIREMENT)
+        return missing
 
     def ensureDependencies(self, askUser: bool = True, allowInstall: bool = True, includeTorch: bool = True) -> bool:
-        """Make sure the worker's packages are installed; never runs at import time.
+        """Make sure the worker's packages are installed, the Slicer way; never runs at import time.
 
-        Installs only with the user's agreement: ``askUser`` shows a confirmation dialog
-        (impossible headless or in testing: then DependencyError), ``askUser=False`` means
-        the caller already has the agreement (e.g. ``--install-dependencies``).
-        Returns False when the user declines. ``includeTorch=False`` checks only what
-        the GUI process itself needs (post-processing and lesion table).
+        Python packages go through ``slicer.packaging.pip_ensure`` with the module's
+        requirements file, torch through the PyTorch extension's ``PyTorchUtils``. Both
+        only with the user's consent: ``askUser`` lets them show their confirmation
+        dialogs, ``askUser=False`` means the caller already has it (the batch script's
+        ``--install-dependencies``). Returns False when the user declines. Without
+        ``allowInstall``, or where no dialog can be shown, missing packages raise
+        :class:`DependencyError` saying what to do.
         """
         missing = self.missingDependencies(includeTorch)
         if not missing:
             return True
         what = ", ".join(missing)
-        if not allowInstall or not self.hasApplication():
-            raise DependencyError(f"AnomalySeg needs these Python packages: {what}. Install them in Slicer "
-                                  "(open the AnomalySeg module and accept the installation, or run the batch "
-                                  "script with --install-dependencies).")
-        if askUser:
-            if not self.canShowDialogs():
-                raise DependencyError(f"AnomalySeg needs these Python packages: {what}; cannot ask for permission "
-                                      "without a main window (use --install-dependencies in batch mode).")
-            if not slicer.util.confirmOkCancelDisplay(
-                    _("AnomalySeg needs these Python packages, which will be downloaded and installed now "
-                      "(this can take several minutes and needs an internet connection):\n\n{what}").format(what=what),
-                    _("AnomalySeg: install dependencies")):
-                return False
-        torchMissing = [line for line in missing if line.startswith("torch")]
-        others = [line for line in missing if not line.startswith("torch")]
+        if not allowInstall or not self.hasApplication() or (askUser and not self.canShowDialogs()):
+            if not self.hasApplication():  # plain Python / slicer-core: the user runs pip
+                how = _("install them into this Python environment with pip")
+            else:  # headless Slicer: the batch flag is the consent
+                how = _("run the batch script with --install-dependencies, or open the AnomalySeg module "
+                        "in Slicer and accept the installation")
+            raise DependencyError(_("AnomalySeg needs these Python packages: {what}. To install them, {how}.").format(
+                what=what, how=how))
+        torchMissing = includeTorch and not self.torchInstalled()
+        others = [req for req in self.requirements() if not self._satisfied(req)]
         if torchMissing:
             try:
                 import PyTorchUtils
             except ImportError:
-                logging.warning("AnomalySeg: the PyTorch extension is not installed; installing torch with pip")
-                self._pipInstall(torchMissing[0])
-            else:
-                torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                                     torchVersionRequirement=">=2.1")
-                if torch is None:
-                    raise DependencyError("PyTorch could not be installed (see the PyTorch Utils module)")
+                raise DependencyError(_("AnomalySeg needs PyTorch: install the 'PyTorch' extension from the "
+                                        "Extensions Manager, restart Slicer and try again.")) from None
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askUser,
+                                                                 torchVersionRequirement=self.TORCH_REQUIREMENT)
+            if torch is None:
+                if askUser:
+                    return False  # declined in the PyTorch dialog
+                raise DependencyError(_("PyTorch could not be installed (see the PyTorch Utils module)."))
         if others:
-            self._pipInstall(" ".join(others))
+            packaging = self._packaging()
+            try:
+                if packaging is not None:
+                    packaging.pip_ensure(others, prompt_install=askUser, requester="AnomalySeg")
+                else:  # Slicer without slicer.packaging: same consent, plain pip_install
+                    if askUser and not slicer.util.confirmOkCancelDisplay(
+                            _("AnomalySeg needs these Python packages, which will be downloaded and installed now:"
+                              "\n\n{what}").format(what=", ".join(str(r) for r in others)),
+                            _("AnomalySeg: install dependencies")):
+                        return False
+                    slicer.util.pip_install([str(r) for r in others])
+            except RuntimeError:  # pip_ensure: the user declined
+                if askUser:
+                    return False
+                raise
         stillMissing = self.missingDependencies(includeTorch)
         if stillMissing:
-            raise DependencyError(f"installation did not provide: {', '.join(stillMissing)}")
+            raise DependencyError(_("installation did not provide: {what}").format(what=", ".join(stillMissing)))
         return True
-
-    @staticmethod
-    def _pipInstall(requirements: str) -> None:
-        """pip-install without a second confirmation (the user already agreed, or passed a flag)."""
-        install = slicer.util.pip_install
-        kwargs = {}
-        try:  # Slicer >= 5.12: slicer.packaging asks again unless interactive=False
-            import inspect
-
-            from slicer import packaging
-
-            if "interactive" in inspect.signature(packaging.pip_install).parameters:
-                install, kwargs = packaging.pip_install, {"interactive": False}
-        except (ImportError, AttributeError, TypeError, ValueError):
-            pass
-        install(requirements, **kwargs)
 
     # ------------------------------------------------------------------ worker runs
     @property
@@ -958,8 +1163,18 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
         return worker.wait(timeout=300)["summary"]
 
     def listModels(self) -> list:
-        """Registry entries: user models, then bundled ones (inspected once, in the worker)."""
-        return self.registry.list_models(inspect_bundled=True)
+        """Registry entries: user models, then bundled ones (inspected once, in the worker, when torch is there)."""
+        return self.registry.list_models(inspect_bundled=self.torchInstalled())
+
+    @staticmethod
+    def entryDefaultPercentile(entry) -> Optional[float]:
+        """Default healthy percentile of a model list entry: its calibration's operating point, else the method's."""
+        calibration = (entry.details or {}).get("calibration") or {}
+        for value in (calibration.get("default_percentile"), calibration.get("operating_percentile"),
+                      entry.default_percentile):
+            if value is not None:
+                return float(value)
+        return None
 
     def importModel(self, path, name=None, replace=False) -> ModelEntry:
         """Validate ``path`` then copy it into the model folder (OutputError on a name clash)."""
@@ -1071,8 +1286,24 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
             cleanup=lambda: shutil.rmtree(workDir, ignore_errors=True),
         )
 
+    def isInScene(self, node) -> bool:
+        """True when ``node`` is (still) a node of this logic's scene.
+
+        After a scene close, node IDs restart: a stale Python object's ID may name a
+        different new node, so identity is checked, not just the ID.
+        """
+        return (node is not None and node.GetScene() is self.scene
+                and self.scene.GetNodeByID(node.GetID()) is node)
+
     def loadSegmentResult(self, inputVolume, result: dict) -> AnomalySegResult:
-        """Turn a worker ``segment`` result into the two output nodes (the MRML half of process)."""
+        """Turn a worker ``segment`` result into the two output nodes (the MRML half of process).
+
+        The worker only scores; the mask and the lesion list are computed here, once,
+        by :func:`AnomalySegLib.postprocess.segment_heatmap` (as ``anomalyseg segment`` does).
+        """
+        if not self.isInScene(inputVolume):
+            # the scene was closed (or the volume deleted) while the worker ran
+            raise DiscardedResult(_("the input volume is no longer in the scene; the segmentation result was discarded"))
         heatmap, heatmapIjkToRas = self.readVolumeArray(result["heatmap"])
         inputIjkToRas = vtk.vtkMatrix4x4()
         inputVolume.GetIJKToRASMatrix(inputIjkToRas)
@@ -1081,13 +1312,41 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
             raise anomalyErrors.AnomalySegError("the anomaly map file is not on the input volume's voxel grid")
         mapNode = self.createAnomalyMapNode(inputVolume, heatmap, result["calibration"],
                                             modelVersion=result.get("model_version", ""),
-                                            modelPath=result.get("model", ""))
+                                            modelPath=result.get("model", ""),
+                                            fallbackPercentile=result.get("fallback_percentile"))
         segmentationNode = self.createSegmentationNode(inputVolume, mapNode)
-        threshold = self.rethreshold(mapNode, segmentationNode, float(result["percentile"]))
+        out = self.segmentMap(mapNode, segmentationNode, result.get("percentile"))
         self.showResults(inputVolume, mapNode)
-        return AnomalySegResult(mapNode=mapNode, segmentationNode=segmentationNode, threshold=threshold,
-                                percentile=float(result["percentile"]), modelVersion=result.get("model_version", ""),
-                                lesions=self.lesionTable(segmentationNode), report=result.get("report", {}))
+        return out
+
+    def segmentFile(self, path, modelPath, percentile=None, device="auto", progressCallback=None, batchSize=16):
+        """Segment a volume file or DICOM series folder without loading it into the scene (batch use).
+
+        The worker reads and scores ``path`` with the core reader (NIfTI, NRRD, MetaImage,
+        DICOM series); the map is thresholded here by the same core function as in the
+        GUI and in ``anomalyseg segment``, so the outputs and report match the CLI's.
+        Returns ``(Volume, SegmentationResult, workerResult)``; blocking.
+        """
+        from AnomalySegLib.postprocess import segment_heatmap
+        from AnomalySegLib.volume_io import read_volume
+
+        modelPath = self.resolveModelPath(modelPath)
+        workDir = tempfile.mkdtemp(prefix="AnomalySeg-batch-")
+        try:
+            request = {"task": "segment", "input": str(path), "model": modelPath,
+                       "heatmap": os.path.join(workDir, "heatmap.nii.gz"),
+                       "brain_mask": os.path.join(workDir, "brain.nii.gz"),
+                       "percentile": percentile, "device": device, "batch_size": int(batchSize)}
+            result = self.startWorker(request, progressCallback).wait()
+            volume = read_volume(path)
+            heatmap = read_volume(result["heatmap"]).data
+            brain = read_volume(result["brain_mask"]).data != 0
+        finally:
+            shutil.rmtree(workDir, ignore_errors=True)
+        segmentation = segment_heatmap(heatmap, brain, volume.affine, Calibration.from_dict(result["calibration"]),
+                                       result["percentile"], fallback_percentile=result["fallback_percentile"],
+                                       model_version=result.get("model_version", ""))
+        return volume, segmentation, result
 
     def _findOutputNode(self, className, inputVolume, role):
         for index in range(self.scene.GetNumberOfNodesByClass(className)):
@@ -1133,8 +1392,13 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
                 return nodeID
         return None
 
-    def createAnomalyMapNode(self, inputVolume, heatmapKJI, calibration: dict, modelVersion="", modelPath=""):
-        """"<input> anomaly map": the heat map on exactly the input's grid, heat colours, calibration stored."""
+    def createAnomalyMapNode(self, inputVolume, heatmapKJI, calibration: dict, modelVersion="", modelPath="",
+                             fallbackPercentile=None):
+        """"<input> anomaly map": the heat map on exactly the input's grid, heat colours, calibration stored.
+
+        ``fallbackPercentile`` (the method's default) is used for calibrations without
+        an operating point.
+        """
         inputShape = slicer.util.arrayFromVolume(inputVolume).shape
         if tuple(heatmapKJI.shape) != tuple(inputShape):
             raise anomalyErrors.AnomalySegError(
@@ -1150,6 +1414,8 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
         mapNode.SetAttribute(self.ATTR_CALIBRATION, json.dumps(calibration))
         mapNode.SetAttribute(self.ATTR_MODEL_VERSION, modelVersion)
         mapNode.SetAttribute(self.ATTR_MODEL_PATH, str(modelPath))
+        mapNode.SetAttribute(self.ATTR_FALLBACK_PERCENTILE,
+                             repr(float(self.DEFAULT_PERCENTILE if fallbackPercentile is None else fallbackPercentile)))
         if mapNode.GetDisplayNode() is None:
             mapNode.CreateDefaultDisplayNodes()
         displayNode = mapNode.GetDisplayNode()
@@ -1168,8 +1434,6 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
 
     def createSegmentationNode(self, inputVolume, mapNode):
         """"<input> anomalies": one segment, fixed colour and terminology, geometry of the input."""
-        from AnomalySegLib.segmentation_file import ANOMALY_COLOR, ANOMALY_SEGMENT_NAME, ANOMALY_TERMINOLOGY
-
         segNode = self._outputNode("vtkMRMLSegmentationNode", inputVolume,
                                    inputVolume.GetName() + self.SEGMENTATION_SUFFIX, "anomalies")
         if segNode.GetDisplayNode() is None:
@@ -1177,6 +1441,14 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
         segNode.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
         segNode.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
         segNode.SetNodeReferenceID(self.MAP_REFERENCE_ROLE, mapNode.GetID())
+        self.ensureAnomalySegment(segNode)
+        self.placeBesideInput(segNode, inputVolume)
+        return segNode
+
+    def ensureAnomalySegment(self, segNode):
+        """The "Anomaly" segment of ``segNode`` (re-created if the user deleted it), fixed name, colour, terminology."""
+        from AnomalySegLib.segmentation_file import ANOMALY_COLOR, ANOMALY_SEGMENT_NAME, ANOMALY_TERMINOLOGY
+
         segmentation = segNode.GetSegmentation()
         segment = segmentation.GetSegment(self.SEGMENT_ID)
         if segment is None:
@@ -1190,30 +1462,76 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
             segment.SetTerminology(ANOMALY_TERMINOLOGY)
         else:
             segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), ANOMALY_TERMINOLOGY)
-        self.placeBesideInput(segNode, inputVolume)
-        return segNode
+        return segment
 
-    def thresholdMap(self, mapNode, percentile: float):
-        """(threshold, mask) for the map at a healthy percentile, from the stored calibration table.
+    @staticmethod
+    def kjiAffine(volumeNode) -> np.ndarray:
+        """Voxel-to-RAS matrix for indices in Slicer's array order (k, j, i).
 
-        The mask (Slicer (K, J, I) order, uint8) is ``score > threshold`` inside the brain;
-        the map is exactly 0 outside the brain, so non-zero marks brain voxels.
+        Lets the core work on ``arrayFromVolume`` views directly: transposing to (i, j, k)
+        would hand it non-contiguous arrays, several times slower to label.
         """
-        text = mapNode.GetAttribute(self.ATTR_CALIBRATION)
+        ijkToRas = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRas)
+        return slicer.util.arrayFromVTKMatrix(ijkToRas)[:, [2, 1, 0, 3]]
+
+    def mapCalibration(self, mapNode) -> Calibration:
+        """The calibration table stored on an anomaly map node."""
+        text = mapNode.GetAttribute(self.ATTR_CALIBRATION) if mapNode is not None else None
         if not text:
-            raise anomalyErrors.AnomalySegError(f"{mapNode.GetName()} has no AnomalySeg calibration table")
+            name = mapNode.GetName() if mapNode is not None else "the anomaly map"
+            raise anomalyErrors.AnomalySegError(_("{name} has no AnomalySeg calibration table; "
+                                                  "segment the volume again").format(name=name))
+        return Calibration.from_dict(json.loads(text))
+
+    def mapDefaultPercentile(self, mapNode) -> float:
+        """The healthy percentile a map is first thresholded at: the calibration's operating point, else the method's."""
+        fallback = mapNode.GetAttribute(self.ATTR_FALLBACK_PERCENTILE)
+        return self.mapCalibration(mapNode).default_percentile(float(fallback) if fallback else self.DEFAULT_PERCENTILE)
+
+    def thresholdMap(self, mapNode, percentile: Optional[float]):
+        """The map thresholded at a healthy percentile (None: its default), with its lesions.
+
+        Runs :func:`AnomalySegLib.postprocess.segment_heatmap`, the one path from a map to
+        a mask and lesion list (small components removed, volumes in mL). Arrays are in
+        Slicer's (K, J, I) order; the map is exactly 0 outside the brain, so non-zero
+        marks brain voxels. Returns a ``SegmentationResult`` (centroids in the map's own
+        RAS, not through parent transforms: see :meth:`lesionRows`).
+        """
+        from AnomalySegLib.postprocess import segment_heatmap
+
+        calibration = self.mapCalibration(mapNode)
+        fallback = mapNode.GetAttribute(self.ATTR_FALLBACK_PERCENTILE)
         heatmap = slicer.util.arrayFromVolume(mapNode)
-        threshold, mask = Calibration.from_dict(json.loads(text)).flag(heatmap, heatmap != 0, float(percentile))
-        return threshold, mask.astype(np.uint8)
+        try:
+            return segment_heatmap(heatmap, heatmap != 0, self.kjiAffine(mapNode), calibration, percentile,
+                                   fallback_percentile=float(fallback) if fallback else self.DEFAULT_PERCENTILE,
+                                   model_version=mapNode.GetAttribute(self.ATTR_MODEL_VERSION) or "")
+        except ValueError as e:  # e.g. a percentile outside (0, 100)
+            raise anomalyErrors.AnomalySegError(str(e)) from e
+
+    def segmentMap(self, mapNode, segmentationNode, percentile: Optional[float]) -> AnomalySegResult:
+        """Threshold the stored map into the segmentation and list its lesions (numpy only, no network)."""
+        result = self.thresholdMap(mapNode, percentile)
+        self.setSegmentMask(segmentationNode, result.mask, mapNode)
+        segmentationNode.SetAttribute(self.ATTR_MODEL_VERSION, result.model_version)
+        segmentationNode.SetAttribute(self.ATTR_THRESHOLD, repr(float(result.threshold)))
+        segmentationNode.SetAttribute(self.ATTR_PERCENTILE, repr(float(result.percentile)))
+        return AnomalySegResult(mapNode=mapNode, segmentationNode=segmentationNode, threshold=result.threshold,
+                                percentile=result.percentile, modelVersion=result.model_version,
+                                lesions=self.lesionRows(result.lesions, mapNode), report=result.report())
 
     def rethreshold(self, mapNode, segmentationNode, percentile: float) -> float:
-        """Re-threshold the stored map at ``percentile`` into the segmentation (numpy only, no network)."""
-        threshold, mask = self.thresholdMap(mapNode, percentile)
-        self.setSegmentMask(segmentationNode, mask, mapNode)
-        segmentationNode.SetAttribute(self.ATTR_MODEL_VERSION, mapNode.GetAttribute(self.ATTR_MODEL_VERSION) or "")
-        segmentationNode.SetAttribute(self.ATTR_THRESHOLD, repr(float(threshold)))
-        segmentationNode.SetAttribute(self.ATTR_PERCENTILE, repr(float(percentile)))
-        return threshold
+        """Re-threshold the stored map at ``percentile`` into the segmentation; returns the score threshold."""
+        return self.segmentMap(mapNode, segmentationNode, percentile).threshold
+
+    def storedPercentile(self, segmentationNode) -> Optional[float]:
+        """The healthy percentile the segmentation was last thresholded at (None if never)."""
+        text = segmentationNode.GetAttribute(self.ATTR_PERCENTILE) if segmentationNode is not None else None
+        try:
+            return float(text) if text else None
+        except ValueError:
+            return None
 
     def setSegmentMask(self, segmentationNode, maskKJI, referenceVolume) -> None:
         """Replace the anomaly segment's voxels with ``maskKJI`` on the reference volume's grid."""
@@ -1227,6 +1545,7 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
         ijkToRas = vtk.vtkMatrix4x4()
         referenceVolume.GetIJKToRASMatrix(ijkToRas)
         image.SetImageToWorldMatrix(ijkToRas)
+        self.ensureAnomalySegment(segmentationNode)  # the user may have deleted it in the Segment Editor
         logic = slicer.vtkSlicerSegmentationsModuleLogic
         if not logic.SetBinaryLabelmapToSegment(image, segmentationNode, self.SEGMENT_ID, logic.MODE_REPLACE,
                                                 image.GetExtent()):
@@ -1259,11 +1578,12 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
                     self.scene.RemoveNode(node)
 
     def lesionTable(self, source, referenceVolume=None, mapNode=None) -> list:
-        """Connected components (26-neighbourhood), largest first: label, voxels, volume (mL), centre (RAS).
+        """Connected components (26-neighbourhood), largest first, of a segmentation or a mask.
 
-        ``source`` is a segmentation node (its segments on the reference grid) or a
-        (K, J, I) mask array with ``referenceVolume``. Volumes use the voxel size of the
-        reference volume; the maximum anomaly score is added when the map is known.
+        ``source`` is a segmentation node (its segments exported on the reference grid:
+        counts what the user sees, edits included) or a (K, J, I) mask array with
+        ``referenceVolume``. Rows as :meth:`lesionRows`; the maximum anomaly score is
+        added when the map is known.
         """
         from AnomalySegLib.lesions import find_lesions
 
@@ -1273,22 +1593,38 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
             maskKJI = source
         else:
             if referenceVolume is None:
-                referenceVolume = source.GetNodeReference(self.INPUT_REFERENCE_ROLE)
+                referenceVolume = (source.GetNodeReference(self.INPUT_REFERENCE_ROLE)
+                                   or source.GetNodeReference(
+                                       vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()))
             maskKJI = self.segmentationMask(source, referenceVolume)
-            if referenceVolume is None:
-                referenceVolume = source.GetNodeReference(
-                    vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
             if mapNode is None:
                 mapNode = source.GetNodeReference(self.MAP_REFERENCE_ROLE)
-        ijkToRas = vtk.vtkMatrix4x4()
-        referenceVolume.GetIJKToRASMatrix(ijkToRas)
-        affine = slicer.util.arrayFromVTKMatrix(ijkToRas)
         heatmap = None
         if mapNode is not None and slicer.util.arrayFromVolume(mapNode).shape == maskKJI.shape:
-            heatmap = slicer.util.arrayFromVolume(mapNode).transpose(2, 1, 0)
-        lesions = find_lesions(np.asarray(maskKJI).transpose(2, 1, 0) != 0, affine, heatmap)
-        return [{"label": lesion.label, "voxels": lesion.voxel_count, "volume_ml": lesion.volume_ml,
-                 "centroid_ras": list(lesion.centroid_ras), "max_score": lesion.max_score} for lesion in lesions]
+            heatmap = slicer.util.arrayFromVolume(mapNode)
+        lesions = find_lesions(np.asarray(maskKJI) != 0, self.kjiAffine(referenceVolume), heatmap)
+        return self.lesionRows(lesions, referenceVolume)
+
+    @staticmethod
+    def lesionRows(lesions, referenceVolume) -> list:
+        """Table rows of core ``Lesion`` objects, centroids in world coordinates.
+
+        The core measures in the volume's own RAS; a volume under a parent transform is
+        displayed moved, so "jump to lesion" needs the centroid through that transform.
+        """
+        transform = None
+        parent = referenceVolume.GetParentTransformNode() if referenceVolume is not None else None
+        if parent is not None:
+            transform = vtk.vtkGeneralTransform()
+            parent.GetTransformToWorld(transform)  # linear or not
+        rows = []
+        for lesion in lesions:
+            centre = [float(c) for c in lesion.centroid_ras]
+            if transform is not None:
+                centre = [float(c) for c in transform.TransformPoint(centre)]
+            rows.append({"label": lesion.label, "voxels": lesion.voxel_count, "volume_ml": lesion.volume_ml,
+                         "centroid_ras": centre, "max_score": lesion.max_score})
+        return rows
 
     def showResults(self, inputVolume, mapNode) -> None:
         """Input as background, anomaly map as semi-transparent foreground in every slice view."""
@@ -1320,14 +1656,22 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
 
     def train(self, healthyFolder=None, healthyVolumes=None, modelName="my-model", config=None, baseModelPath=None,
               outputPath=None, overwrite=False, waitForCompletion=True, progressCallback=None,
-              finishedCallback=None):
+              finishedCallback=None, profile="auto", overrides=None):
         """Train (and calibrate on held-out healthy volumes) in the worker; register the model.
 
-        ``config`` holds TrainConfig fields (method, epochs, image_size, batch_size, device...).
-        The model goes to the model folder as ``modelName.pt`` unless ``outputPath`` is given.
-        Returns the registry entry (blocking) or the WorkerProcess.
+        ``profile`` (auto | fast | paper, see AnomalySegLib.profiles) gives the settings;
+        ``auto`` is resolved by the worker against the device it trains on. ``overrides``
+        (epochs, image_size, base_width, batch_size, learning_rate, method) replace single
+        profile values; ``config`` holds the other TrainConfig fields (device, seed, ...;
+        its values override the profile's too). The worker reports the resolved settings
+        in a progress message with ``settings`` and in the result. The model goes to the
+        model folder as ``modelName.pt`` unless ``outputPath`` is given. Returns the
+        registry entry (blocking) or the WorkerProcess.
         """
-        imageSize = int((config or {}).get("image_size", 224))
+        if profile != "auto" and profile not in PROFILES:
+            raise ValueError(f"unknown training profile {profile!r}")
+        explicit = {**(config or {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
+        imageSize = int(explicit.get("image_size") or PROFILES["fast"]["image_size"])
         if imageSize < 32 or imageSize % 32:
             raise ValueError(f"image size must be a multiple of 32 (got {imageSize})")
         output = pathlib.Path(outputPath) if outputPath else self.registry.model_path(modelName)
@@ -1336,7 +1680,8 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
         output.parent.mkdir(parents=True, exist_ok=True)
         workDir = tempfile.mkdtemp(prefix="AnomalySeg-train-")
         try:
-            request = {"task": "train", "output": str(output), "config": dict(config or {}),
+            request = {"task": "train", "output": str(output), "profile": profile,
+                       "overrides": dict(overrides or {}), "config": dict(config or {}),
                        "init": str(baseModelPath) if baseModelPath else None, "overwrite": bool(overwrite),
                        **self._healthyRequest(healthyFolder, healthyVolumes, workDir)}
         except Exception:

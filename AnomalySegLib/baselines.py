@@ -11,7 +11,10 @@ Modes:
 
 * ``bright``: score = normalised intensity (hyperintense lesions, e.g. FLAIR);
 * ``dark``: score = max(m - intensity, 0), m = median healthy brain intensity;
-* ``abs``: score = |intensity - m| (either direction).
+* ``abs``: score = |intensity - m| (either direction);
+* ``zscore``: score = |z| of the intensity against healthy per-position statistics
+  (:mod:`.position_stats`, fitted on the ``reference`` volumes) -- the intensity half of
+  the ``dae`` fusion alone, so the benchmark shows what the network adds to it.
 """
 
 from __future__ import annotations
@@ -25,18 +28,17 @@ import numpy as np
 from . import __version__
 from .calibration import Calibration
 from .errors import InputError
+from .geometry import voxel_volume_ml
 from .inference import VolumeScores, scores_on_volume_grid
+from .position_stats import PositionStats
+from .postprocess import DEFAULT_MAX_FALSE_COMPONENTS, DEFAULT_MIN_COMPONENT_ML
 from .preprocessing import PreparedVolume, PreprocessConfig, prepare_volume
 from .progress import CancelCallback, ProgressCallback, ProgressEvent, check_cancel, emit
 from .volume_io import Volume, read_volume
 
-INTENSITY_MODES = ("bright", "dark", "abs")
+INTENSITY_MODES = ("bright", "dark", "abs", "zscore")
 
 VolumeLike = Union[Volume, str, Path]
-
-
-def _brain_values(scores: VolumeScores) -> np.ndarray:
-    return scores.heatmap[scores.brain_mask]
 
 
 def _as_volume(item: VolumeLike) -> Volume:
@@ -53,16 +55,30 @@ class IntensityBaseline:
 
     def __init__(self, mode: str = "bright", preprocessing: Optional[PreprocessConfig] = None,
                  *, healthy_median: Optional[float] = None, calibration: Optional[Calibration] = None,
-                 default_percentile: float = 98.0) -> None:
+                 default_percentile: float = 98.0, smoothing_mm: float = 0.0,
+                 min_component_ml: Optional[float] = None, max_false_components: Optional[float] = None) -> None:
         if mode not in INTENSITY_MODES:
             raise ValueError(f"unknown intensity mode {mode!r}; choose one of {', '.join(INTENSITY_MODES)}")
-        if mode != "bright" and calibration is not None and healthy_median is None:
+        if mode in ("dark", "abs") and calibration is not None and healthy_median is None:
             raise ValueError(f"mode {mode!r} needs the healthy median intensity")
+        self.position_stats: Optional[PositionStats] = None
         self.mode = mode
         self.preprocessing = preprocessing if preprocessing is not None else PreprocessConfig()
         self.healthy_median = healthy_median
         self.calibration = calibration
-        self.default_percentile = float(default_percentile)
+        self._default_percentile = float(default_percentile)
+        # the same post-processing and operating-point rule as a trained model (fair comparison)
+        self.smoothing_mm = float(smoothing_mm)
+        self.min_component_ml = DEFAULT_MIN_COMPONENT_ML if min_component_ml is None else float(min_component_ml)
+        self.max_false_components = (DEFAULT_MAX_FALSE_COMPONENTS if max_false_components is None
+                                     else float(max_false_components))
+
+    @property
+    def default_percentile(self) -> float:
+        """The calibration's operating percentile once fitted, else the starting percentile."""
+        if self.calibration is not None:
+            return self.calibration.default_percentile(self._default_percentile)
+        return self._default_percentile
 
     # -- identity ---------------------------------------------------------------------
     @property
@@ -73,7 +89,8 @@ class IntensityBaseline:
     @property
     def version(self) -> str:
         """Library version / name / digest of the calibration (like a model's version)."""
-        digest = hashlib.sha256(repr((self.mode, self.healthy_median, self.preprocessing.to_dict())).encode())
+        digest = hashlib.sha256(repr((self.mode, self.healthy_median, self.preprocessing.to_dict(),
+                                      self.smoothing_mm)).encode())
         if self.calibration is not None:
             digest.update(np.asarray(self.calibration.values, dtype=np.float64).tobytes())
         return f"{__version__}/{self.name}/{digest.hexdigest()[:12]}"
@@ -91,6 +108,10 @@ class IntensityBaseline:
 
     def score_prepared(self, prepared: PreparedVolume) -> np.ndarray:
         """Scores ``[N, S, S]`` in model space, 0 outside the tissue masks."""
+        if self.mode == "zscore":
+            if self.position_stats is None:
+                raise InputError("the intensity-zscore baseline is not fitted: call fit() on healthy volumes first")
+            return np.abs(self.position_stats.normalise(prepared.images, prepared.masks, prepared.slice_indices))
         scores = self._transform(prepared.images)
         scores[~prepared.masks] = 0.0
         return scores
@@ -103,7 +124,7 @@ class IntensityBaseline:
         volume = _as_volume(volume)
         emit(progress, ProgressEvent("prepare", 0.0, message="preprocessing"))
         prepared = prepare_volume(volume, self.preprocessing)
-        scores = scores_on_volume_grid(self.score_prepared(prepared), prepared, volume)
+        scores = scores_on_volume_grid(self.score_prepared(prepared), prepared, volume, smoothing_mm=self.smoothing_mm)
         emit(progress, ProgressEvent("segment", 1.0, message="scored"))
         return scores
 
@@ -118,7 +139,8 @@ class IntensityBaseline:
         """``(mask, threshold)``: brain voxels scoring above the healthy-percentile threshold."""
         self.threshold(percentile)  # checks that the baseline is calibrated
         pct = self.default_percentile if percentile is None else float(percentile)
-        thr, mask = self.calibration.flag(scores.heatmap, scores.brain_mask, pct)
+        voxel_ml = voxel_volume_ml(scores.volume.affine) if scores.volume is not None else None
+        thr, mask = self.calibration.flag(scores.heatmap, scores.brain_mask, pct, voxel_ml=voxel_ml)
         return mask, thr
 
     # -- fitting ----------------------------------------------------------------------
@@ -138,12 +160,20 @@ class IntensityBaseline:
             ref = prepared if reference is None else self._prepare_all(reference, None, cancel, "prepare")
             pixels = np.concatenate([p.images[p.masks] for p in ref])
             self.healthy_median = float(np.median(pixels))
+            if self.mode == "zscore":
+                self.position_stats = PositionStats.fit([p.images for p in ref], [p.masks for p in ref],
+                                                        [p.slice_indices for p in ref])
         # voxel-grid values inside the brain: the same values predict_mask thresholds
-        scores = np.concatenate([_brain_values(scores_on_volume_grid(self.score_prepared(p), p)) for p in prepared])
+        maps = []
+        for p in prepared:
+            scores = scores_on_volume_grid(self.score_prepared(p), p, smoothing_mm=self.smoothing_mm)
+            maps.append((scores.heatmap, scores.brain_mask, voxel_volume_ml(p.affine)))
         names = [p.name for p in prepared]
         source = f"{len(names)} healthy volume(s): " + ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
-        self.calibration = Calibration.from_scores(
-            scores, n_images=int(sum(p.num_slices for p in prepared)), n_volumes=len(prepared), source=source)
+        self.calibration = Calibration.from_healthy_maps(
+            maps, start_percentile=self._default_percentile, min_component_ml=self.min_component_ml,
+            max_false_components=self.max_false_components,
+            n_images=int(sum(p.num_slices for p in prepared)), source=source)
         return self
 
     def _prepare_all(self, items: Sequence[VolumeLike], progress, cancel, stage: str) -> list[PreparedVolume]:
@@ -162,8 +192,12 @@ class IntensityBaseline:
             "mode": self.mode,
             "preprocessing": self.preprocessing.to_dict(),
             "healthy_median": self.healthy_median,
-            "default_percentile": self.default_percentile,
+            "default_percentile": self._default_percentile,
+            "smoothing_mm": self.smoothing_mm,
+            "min_component_ml": self.min_component_ml,
+            "max_false_components": self.max_false_components,
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
+            "position_stats": None if self.position_stats is None else self.position_stats.to_dict(),
         }
 
     @classmethod
@@ -172,10 +206,16 @@ class IntensityBaseline:
         if data.get("baseline") != "intensity":
             raise ValueError("not an intensity-baseline description")
         cal = data.get("calibration")
-        return cls(
+        baseline = cls(
             mode=data["mode"],
             preprocessing=PreprocessConfig.from_dict(data["preprocessing"]),
             healthy_median=data.get("healthy_median"),
             calibration=Calibration.from_dict(cal) if cal else None,
             default_percentile=float(data.get("default_percentile", 98.0)),
+            smoothing_mm=float(data.get("smoothing_mm", 0.0)),
+            min_component_ml=data.get("min_component_ml"),
+            max_false_components=data.get("max_false_components"),
         )
+        stats = data.get("position_stats")
+        baseline.position_stats = PositionStats.from_dict(stats) if stats else None
+        return baseline

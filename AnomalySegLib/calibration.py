@@ -13,9 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
+import math
+
 import numpy as np
 
 from .errors import InputError
+from .postprocess import (
+    DEFAULT_MAX_FALSE_COMPONENTS,
+    DEFAULT_MIN_COMPONENT_ML,
+    min_component_voxels,
+    select_operating_percentile,
+    threshold_mask,
+)
 from .progress import CancelCallback, ProgressCallback, ProgressEvent, check_cancel, emit
 
 if TYPE_CHECKING:  # imported lazily at run time: keeps `import AnomalySegLib.calibration` light
@@ -44,6 +53,19 @@ class Calibration:
     n_images: int
     n_volumes: int
     source: str = ""
+    #: Default healthy percentile chosen on held-out healthy volumes so that they carry on
+    #: average <= ``max_false_components`` components of >= ``min_component_ml``
+    #: (:func:`.postprocess.select_operating_percentile`); None for files without one.
+    operating_percentile: Optional[float] = None
+    #: Components smaller than this (mL) are dropped from every mask (0 = keep all).
+    min_component_ml: float = 0.0
+    max_false_components: Optional[float] = None
+    #: Mean false components per held-out healthy volume measured at the operating point.
+    false_components_per_volume: Optional[float] = None
+
+    def default_percentile(self, fallback: float) -> float:
+        """The operating percentile when the calibration has one, else ``fallback``."""
+        return float(self.operating_percentile) if self.operating_percentile is not None else float(fallback)
 
     def threshold(self, percentile: float) -> float:
         """Score above which a pixel is flagged, for a healthy percentile in [0, 100]."""
@@ -51,14 +73,23 @@ class Calibration:
             raise ValueError(f"percentile must be within 0..100, got {percentile}")
         return float(np.interp(percentile, self.percentiles, self.values))
 
-    def flag(self, heatmap: np.ndarray, brain_mask: np.ndarray, percentile: float) -> "tuple[float, np.ndarray]":
-        """``(threshold, mask)``: brain voxels scoring above the percentile's threshold.
+    def flag(self, heatmap: np.ndarray, brain_mask: np.ndarray, percentile: float,
+             *, voxel_ml: Optional[float] = None) -> "tuple[float, np.ndarray]":
+        """``(threshold, mask)``: brain voxels scoring above the percentile's threshold,
+        without components smaller than :attr:`min_component_ml`.
 
-        The one thresholding rule (``score > threshold`` inside the brain), shared by
+        The one thresholding rule (:func:`.postprocess.threshold_mask`), shared by
         ``anomalyseg segment``, the baselines and the Slicer module's instant re-threshold.
+        ``voxel_ml`` (one voxel's volume) is needed when the calibration has a minimum
+        component volume.
         """
         threshold = self.threshold(percentile)
-        return threshold, (np.asarray(heatmap) > threshold) & np.asarray(brain_mask, dtype=bool)
+        min_voxels = 1
+        if self.min_component_ml > 0:
+            if voxel_ml is None:
+                raise ValueError("this calibration drops small components: pass voxel_ml (one voxel's volume in mL)")
+            min_voxels = min_component_voxels(self.min_component_ml, voxel_ml)
+        return threshold, threshold_mask(heatmap, brain_mask, threshold, min_voxels)
 
     def percentile_of(self, score: float) -> float:
         """Healthy percentile of ``score`` (inverse of :meth:`threshold`)."""
@@ -74,6 +105,10 @@ class Calibration:
             "n_images": int(self.n_images),
             "n_volumes": int(self.n_volumes),
             "source": self.source,
+            "operating_percentile": self.operating_percentile,
+            "min_component_ml": float(self.min_component_ml),
+            "max_false_components": self.max_false_components,
+            "false_components_per_volume": self.false_components_per_volume,
         }
 
     @classmethod
@@ -85,6 +120,16 @@ class Calibration:
             raise ValueError("calibration table is malformed")
         if np.any(np.diff(percentiles) <= 0) or np.any(np.diff(values) < 0):
             raise ValueError("calibration table is not monotonic")
+        operating = data.get("operating_percentile")
+        min_ml = float(data.get("min_component_ml", 0.0) or 0.0)
+        budget = data.get("max_false_components")
+        measured = data.get("false_components_per_volume")
+        if operating is not None and not 0.0 < float(operating) < 100.0:
+            raise ValueError(f"calibration operating percentile {operating} is not within (0, 100)")
+        if not (math.isfinite(min_ml) and min_ml >= 0.0):
+            raise ValueError(f"calibration minimum component volume {min_ml} is not a number >= 0")
+        if not np.all(np.isfinite(values)):
+            raise ValueError("calibration table holds non-finite thresholds")
         return cls(
             percentiles=percentiles,
             values=values,
@@ -92,6 +137,10 @@ class Calibration:
             n_images=int(data["n_images"]),
             n_volumes=int(data["n_volumes"]),
             source=str(data.get("source", "")),
+            operating_percentile=None if operating is None else float(operating),
+            min_component_ml=min_ml,
+            max_false_components=None if budget is None else float(budget),
+            false_components_per_volume=None if measured is None else float(measured),
         )
 
     @classmethod
@@ -103,6 +152,40 @@ class Calibration:
         values = np.percentile(scores, TABLE_PERCENTILES)
         values = np.maximum.accumulate(values)  # guard against float round-off making it non-monotonic
         return cls(TABLE_PERCENTILES.copy(), values, int(scores.size), n_images, n_volumes, source)
+
+
+    @classmethod
+    def from_healthy_maps(
+        cls,
+        maps: Sequence["tuple[np.ndarray, np.ndarray, float]"],
+        *,
+        start_percentile: float,
+        min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
+        max_false_components: float = DEFAULT_MAX_FALSE_COMPONENTS,
+        n_images: int = 0,
+        source: str = "",
+    ) -> "Calibration":
+        """Quantile table + operating point from held-out healthy voxel-grid maps.
+
+        ``maps`` holds ``(heatmap, brain_mask, voxel_ml)`` per healthy volume. The table is
+        built from the brain voxels' scores; the operating percentile is the lowest one
+        >= ``start_percentile`` at which these volumes carry on average at most
+        ``max_false_components`` components of >= ``min_component_ml``
+        (:func:`.postprocess.select_operating_percentile`).
+        """
+        if not maps:
+            raise InputError("calibration needs at least one healthy volume")
+        values = _subsample(np.concatenate([np.asarray(h)[np.asarray(b, dtype=bool)] for h, b, _ in maps]),
+                            MAX_CALIBRATION_PIXELS)
+        table = cls.from_scores(values, n_images=n_images, n_volumes=len(maps), source=source)
+        pct, mean_false = select_operating_percentile(
+            maps, table.threshold, table.percentiles, start_percentile=start_percentile,
+            min_component_ml=min_component_ml, max_false_components=max_false_components)
+        table.operating_percentile = pct
+        table.min_component_ml = float(min_component_ml)
+        table.max_false_components = float(max_false_components)
+        table.false_components_per_volume = mean_false
+        return table
 
 
 def _subsample(scores: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
@@ -119,6 +202,8 @@ def calibrate_prepared(
     device: str = "auto",
     batch_size: int = 16,
     source: str = "",
+    min_component_ml: Optional[float] = None,
+    max_false_components: Optional[float] = None,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelCallback] = None,
 ) -> Calibration:
@@ -126,24 +211,30 @@ def calibrate_prepared(
 
     The scores are taken on each volume's own voxel grid, inside its brain mask: exactly
     the values that :func:`~AnomalySegLib.inference.threshold_scores` compares with the
-    threshold, so p98 flags 2 % of the calibration volumes' brain voxels.
+    threshold, so p98 flags 2 % of the calibration volumes' brain voxels. The operating
+    point (minimum component volume, default percentile) is chosen on the same healthy
+    volumes (:meth:`Calibration.from_healthy_maps`; package defaults when None).
     """
+    from .geometry import voxel_volume_ml
     from .inference import score_prepared, scores_on_volume_grid
 
     if not prepared:
         raise InputError("calibration needs at least one healthy volume")
-    collected: list[np.ndarray] = []
+    maps: list = []
     n_images = 0
     for index, item in enumerate(prepared):
         check_cancel(cancel)
-        maps = score_prepared(model, item, device=device, batch_size=batch_size, cancel=cancel)
-        scores = scores_on_volume_grid(maps, item)
-        collected.append(scores.heatmap[scores.brain_mask])
+        raw = score_prepared(model, item, device=device, batch_size=batch_size, cancel=cancel)
+        scores = scores_on_volume_grid(raw, item, smoothing_mm=model.method.smoothing_mm)
+        maps.append((scores.heatmap, scores.brain_mask, voxel_volume_ml(item.affine)))
         n_images += len(item.images)
         emit(progress, ProgressEvent("calibrate", (index + 1) / len(prepared),
                                      message=f"healthy volume {index + 1}/{len(prepared)}"))
-    scores = _subsample(np.concatenate(collected), MAX_CALIBRATION_PIXELS)
-    return Calibration.from_scores(scores, n_images=n_images, n_volumes=len(prepared), source=source)
+    return Calibration.from_healthy_maps(
+        maps, start_percentile=model.method.default_percentile,
+        min_component_ml=DEFAULT_MIN_COMPONENT_ML if min_component_ml is None else min_component_ml,
+        max_false_components=DEFAULT_MAX_FALSE_COMPONENTS if max_false_components is None else max_false_components,
+        n_images=n_images, source=source)
 
 
 def calibrate(
@@ -152,6 +243,8 @@ def calibrate(
     *,
     device: str = "auto",
     batch_size: int = 16,
+    min_component_ml: Optional[float] = None,
+    max_false_components: Optional[float] = None,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelCallback] = None,
 ) -> Calibration:
@@ -174,4 +267,5 @@ def calibrate(
                                      message=f"read {index + 1}/{len(healthy)}"))
     source = f"{len(names)} healthy volume(s): " + ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
     return calibrate_prepared(model, prepared, device=device, batch_size=batch_size, source=source,
+                              min_component_ml=min_component_ml, max_false_components=max_false_components,
                               progress=progress, cancel=cancel)

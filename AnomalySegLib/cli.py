@@ -36,6 +36,8 @@ def _device_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
+    from .device import resolve_device
+    from .profiles import profile_settings
     from .training import TrainConfig, train_model
     from .volume_io import find_volumes
 
@@ -51,12 +53,16 @@ def cmd_train(args) -> int:
     volumes = find_volumes(args.healthy)
     overrides = {k: getattr(args, k) for k in ("beta", "lambda_h", "t", "p", "lambda_s", "warmup_epochs")
                  if getattr(args, k) is not None}
-    config = TrainConfig(method=args.method, epochs=args.epochs, batch_size=args.batch_size,
-                         learning_rate=args.lr, image_size=args.image_size, base_width=args.width,
-                         latent_dim=args.latent_dim, attention_stage=args.attention_stage, seed=args.seed,
-                         device=args.device, amp=not args.no_amp, calibration_fraction=args.calibration_fraction,
-                         method_overrides=overrides)
-    print(f"{PROG}: training {config.method} on {len(volumes)} healthy volume(s)", file=sys.stderr)
+    device_type = resolve_device(args.device).type
+    settings = profile_settings(args.profile, device_type, {
+        "method": args.method, "epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
+        "image_size": args.image_size, "base_width": args.width})
+    config = TrainConfig(**settings, latent_dim=args.latent_dim, attention_stage=args.attention_stage,
+                         seed=args.seed, device=args.device, amp=not args.no_amp,
+                         calibration_fraction=args.calibration_fraction, method_overrides=overrides)
+    print(f"{PROG}: training {config.method} on {len(volumes)} healthy volume(s) on {device_type} "
+          f"(profile {config.profile}: {config.image_size} px, width {config.base_width}, {config.epochs} epochs, "
+          f"batch {config.batch_size}, lr {config.learning_rate:g})", file=sys.stderr)
     model = train_model(volumes, config, output=output, init=args.init, checkpoint=checkpoint,
                         resume=args.resume, progress=_progress(args))
     if int(os.environ.get("RANK", "0")) != 0:
@@ -64,7 +70,9 @@ def cmd_train(args) -> int:
     summary = model.summary()
     cal = summary["calibration"]
     print(f"saved {output} (model {model.version}); calibrated on {cal['n_volumes']} healthy volume(s), "
-          f"threshold {cal['threshold_at_default_percentile']:.6g} at p{model.method.default_percentile:g}")
+          f"threshold {cal['threshold_at_default_percentile']:.6g} at healthy p{model.default_percentile:g} "
+          f"(minimum lesion {cal['min_component_ml']:g} mL; {cal['false_components_per_volume']:.2f} false "
+          f"component(s) per held-out healthy volume)")
     return 0
 
 
@@ -79,15 +87,19 @@ def cmd_calibrate(args) -> int:
         raise OutputError(f"{target} already exists (use --overwrite to replace it)")
     volumes = find_volumes(args.healthy)
     old = model.calibration
+    old_pct = model.default_percentile
+    if args.percentile is not None:  # the operating point search starts at this percentile
+        model.method.default_percentile = args.percentile
     model.calibration = calibrate(model, volumes, device=args.device, batch_size=args.batch_size,
                                   progress=_progress(args))
-    if args.percentile is not None:
-        model.method.default_percentile = args.percentile
     model.save(target)
-    pct = model.method.default_percentile
-    before = f"{old.threshold(pct):.6g}" if old is not None else "none"
-    print(f"calibrated on {len(volumes)} healthy volume(s), {model.calibration.n_pixels} brain pixels; "
-          f"threshold at p{pct:g}: {before} -> {model.calibration.threshold(pct):.6g}; saved {target}")
+    pct = model.default_percentile
+    before = f"{old.threshold(old_pct):.6g} at p{old_pct:g}" if old is not None else "none"
+    cal = model.calibration
+    print(f"calibrated on {len(volumes)} healthy volume(s), {cal.n_pixels} brain pixels; "
+          f"threshold: {before} -> {cal.threshold(pct):.6g} at healthy p{pct:g} (minimum lesion "
+          f"{cal.min_component_ml:g} mL, {cal.false_components_per_volume:.2f} false component(s) per "
+          f"healthy volume); saved {target}")
     return 0
 
 
@@ -142,6 +154,9 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
+    from .methods import METHODS
+    from .profiles import DEFAULT_METHOD, PROFILE_CHOICES
+
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Unsupervised brain anomaly segmentation: train on healthy scans, "
@@ -152,12 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on healthy volumes (files or folders)")
     p.add_argument("healthy", nargs="+", metavar="HEALTHY", help="healthy volumes or folders of volumes")
     p.add_argument("--output", "-o", required=True, metavar="MODEL", help="model file to write (e.g. model.pt)")
-    p.add_argument("--method", default="amcons", choices=("amcons", "gradcamcons", "vae"))
-    p.add_argument("--epochs", type=positive_int, default=50)
-    p.add_argument("--image-size", type=image_size, default=224, help="slice size (multiple of 32; paper: 224)")
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
-    p.add_argument("--width", type=positive_int, default=64, help="encoder base width (64 = ResNet-18)")
+    p.add_argument("--profile", default="auto", choices=PROFILE_CHOICES,
+                   help="settings without tuning: fast (CPU, minutes), paper (the paper's scale, for a GPU); "
+                        "auto = paper on CUDA, fast otherwise. Flags below override single values")
+    p.add_argument("--method", default=None, choices=METHODS, help=f"default: {DEFAULT_METHOD}")
+    p.add_argument("--epochs", type=positive_int, default=None, help="default: the profile's")
+    p.add_argument("--image-size", type=image_size, default=None,
+                   help="slice size (multiple of 32; paper: 224); default: the profile's")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default: the profile's (32)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (paper: 1e-4); default: the profile's")
+    p.add_argument("--width", type=positive_int, default=None,
+                   help="network base width (64 = ResNet-18); default: the profile's")
     p.add_argument("--latent-dim", type=positive_int, default=32)
     p.add_argument("--attention-stage", type=int, default=1, choices=range(0, 5),
                    help="encoder stage whose activations form the attention map (1 = first residual block)")

@@ -359,7 +359,7 @@ class ModelScorer:
         self.name = str(model.method.method)
         self.version = str(model.version)
         self.calibration = model.calibration
-        self.default_percentile = float(model.method.default_percentile)
+        self.default_percentile = float(model.default_percentile)
 
     def score_volume(self, volume: Any, *, device: Any = "auto", batch_size: int = 16,
                      progress: Optional[ProgressCallback] = None,
@@ -768,7 +768,7 @@ def machine_info(device: Any = None) -> dict[str, Any]:
     }
     if device is not None:
         try:
-            from .inference import resolve_device
+            from .device import resolve_device
 
             dev = resolve_device(device)
             info["device"] = str(dev)

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
-from nibabel import orientations as nio
+
+
+def _nio():
+    """nibabel's orientation helpers, imported on first use: the Slicer GUI process
+    thresholds and measures lesions through this module without needing nibabel."""
+    from nibabel import orientations
+
+    return orientations
 
 #: Left-Posterior-Superior <-> Right-Anterior-Superior (its own inverse).
 LPS_TO_RAS: np.ndarray = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -147,14 +154,14 @@ class AxisReorientation:
         """
         array = np.asarray(array)
         self._check(array.shape, self.shape, "to_canonical")
-        return np.ascontiguousarray(nio.apply_orientation(array, self._ornt))
+        return np.ascontiguousarray(_nio().apply_orientation(array, self._ornt))
 
     def from_canonical(self, array: np.ndarray) -> np.ndarray:
         """Exact inverse of :meth:`to_canonical` (back to the input's index order)."""
         array = np.asarray(array)
         expected = self.canonical_shape() if self.shape is not None else None
         self._check(array.shape, expected, "from_canonical")
-        return np.ascontiguousarray(nio.apply_orientation(array, self._inverse_ornt))
+        return np.ascontiguousarray(_nio().apply_orientation(array, self._inverse_ornt))
 
     def canonical_affine(self, affine: np.ndarray, shape: Optional[Sequence[int]] = None) -> np.ndarray:
         """Voxel->RAS affine of the canonical array (same physical space as ``affine``).
@@ -162,7 +169,7 @@ class AxisReorientation:
         ``shape`` is the input array shape (default: the stored one).
         """
         affine = _as_affine(affine)
-        return affine @ nio.inv_ornt_aff(self._ornt, self._shape(shape))
+        return affine @ _nio().inv_ornt_aff(self._ornt, self._shape(shape))
 
 
 def canonical_reorientation(affine: np.ndarray, shape: Optional[Sequence[int]] = None) -> AxisReorientation:
@@ -173,12 +180,12 @@ def canonical_reorientation(affine: np.ndarray, shape: Optional[Sequence[int]] =
     are ``array[:, :, k]``. Pass ``shape`` (the array shape) to be able to call
     :meth:`AxisReorientation.canonical_affine` without it.
     """
-    ornt = nio.io_orientation(_as_affine(affine))
+    ornt = _nio().io_orientation(_as_affine(affine))
     if np.isnan(ornt).any():
         raise ValueError("affine is degenerate: cannot find the closest RAS axes")
     # io_orientation gives each index axis's closest world axis; the transform from
     # that orientation to RAS is the permutation + flips we apply.
-    ornt = nio.ornt_transform(ornt, nio.axcodes2ornt(("R", "A", "S")))
+    ornt = _nio().ornt_transform(ornt, _nio().axcodes2ornt(("R", "A", "S")))
     as_tuple = tuple((int(t), int(f)) for t, f in ornt)
     shp = None if shape is None else tuple(int(s) for s in shape)
     if shp is not None and len(shp) != 3:

@@ -6,46 +6,23 @@ the encoder alone (GradCAMCons needs d z_mu / d A); the decoder never runs for t
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 
+from .device import autocast_for, resolve_device
 from .errors import AnomalySegError, ModelFileError
-from .lesions import Lesion, find_lesions
 from .methods import anomaly_scores
+from .geometry import voxel_spacing
+from .postprocess import SegmentationResult, percentile_or_default, segment_heatmap, smooth_in_mask
 from .preprocessing import PreparedVolume, brain_mask_in_volume, prepare_volume, to_volume_grid
 from .progress import CancelCallback, ProgressCallback, ProgressEvent, check_cancel, emit
 from .volume_io import Volume
 
 if TYPE_CHECKING:
     from .model_file import AnomalyModel
-
-
-def resolve_device(spec: "str | torch.device" = "auto") -> torch.device:
-    """Turn ``auto``/``cpu``/``cuda``/``cuda:N`` into a device, checking CUDA is there."""
-    if isinstance(spec, torch.device):
-        return spec
-    text = (spec or "auto").strip().lower()
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if text == "cpu":
-        return torch.device("cpu")
-    if text.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise AnomalySegError("CUDA was requested but PyTorch sees no CUDA GPU here; use --device cpu or auto")
-        return torch.device(text)
-    raise AnomalySegError(f"unknown device {spec!r}: use auto, cpu or cuda")
-
-
-def autocast_for(device: torch.device, enabled: bool = True):
-    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op on CPU."""
-    if device.type != "cuda" or not enabled:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 def score_prepared(
@@ -56,8 +33,13 @@ def score_prepared(
     batch_size: int = 16,
     cancel: Optional[CancelCallback] = None,
     on_batch=None,
+    normalise: bool = True,
 ) -> np.ndarray:
-    """Anomaly maps [N, S, S] (model space) for the kept slices of a prepared volume."""
+    """Anomaly maps [N, S, S] (model space) for the kept slices of a prepared volume.
+
+    When the model has :class:`~AnomalySegLib.position_stats.PositionStats` the maps are
+    their healthy z-scores (``normalise=False`` gives the raw maps, to fit them).
+    """
     dev = resolve_device(device)
     network = model.network.to(dev).eval()
     count = len(prepared.images)
@@ -72,6 +54,12 @@ def score_prepared(
         out[start:stop] = scores.detach().float().cpu().numpy()
         if on_batch is not None:
             on_batch(stop, count)
+    if model.position_stats is not None and normalise:
+        out = model.position_stats.normalise(out, prepared.masks, prepared.slice_indices)
+        w = float(model.method.fuse_intensity)
+        if w > 0 and model.intensity_stats is not None:
+            z_int = model.intensity_stats.normalise(prepared.images, prepared.masks, prepared.slice_indices)
+            out = (out + w * np.abs(z_int)) / (1.0 + w)
     return out
 
 
@@ -84,15 +72,19 @@ class VolumeScores:
     volume: Optional[Volume] = None
 
 
-def scores_on_volume_grid(maps: np.ndarray, prepared: PreparedVolume, volume: Optional[Volume] = None) -> VolumeScores:
+def scores_on_volume_grid(maps: np.ndarray, prepared: PreparedVolume, volume: Optional[Volume] = None,
+                          *, smoothing_mm: float = 0.0) -> VolumeScores:
     """Model-space maps [N, S, S] -> anomaly map on the input's voxel grid, 0 outside the brain.
 
     The one place where maps leave model space: inference, calibration and the baselines
-    all threshold/calibrate exactly these voxel values.
+    all threshold/calibrate exactly these voxel values. ``smoothing_mm`` > 0 smooths the
+    map inside the brain (:func:`.postprocess.smooth_in_mask`, sigma in mm).
     """
     brain = brain_mask_in_volume(prepared)
     heatmap = to_volume_grid(maps, prepared, order=1).astype(np.float32)
     heatmap[~brain] = 0.0
+    if smoothing_mm > 0:
+        heatmap = smooth_in_mask(heatmap, brain, smoothing_mm, voxel_spacing(prepared.affine))
     return VolumeScores(heatmap=heatmap, brain_mask=brain, volume=volume)
 
 
@@ -114,59 +106,27 @@ def score_volume(
                                      message=f"slice {done}/{total}"))
 
     maps = score_prepared(model, prepared, device=device, batch_size=batch_size, cancel=cancel, on_batch=on_batch)
-    scores = scores_on_volume_grid(maps, prepared, volume)
+    scores = scores_on_volume_grid(maps, prepared, volume, smoothing_mm=model.method.smoothing_mm)
     emit(progress, ProgressEvent("segment", 1.0, message="scored"))
     return scores
 
 
-@dataclass
-class SegmentationResult:
-    """A thresholded anomaly map with its lesions, on the input's voxel grid."""
-
-    heatmap: np.ndarray
-    mask: np.ndarray
-    threshold: float
-    percentile: float
-    lesions: list = field(default_factory=list)
-    total_volume_ml: float = 0.0
-    model_version: str = ""
-
-    def report(self) -> dict:
-        """JSON-able summary (the ``NAME_report.json`` content, without file paths)."""
-        return {
-            "model_version": self.model_version,
-            "percentile": float(self.percentile),
-            "threshold": float(self.threshold),
-            "lesion_count": len(self.lesions),
-            "total_volume_ml": round(float(self.total_volume_ml), 4),
-            "lesions": [lesion.to_dict() for lesion in self.lesions],
-        }
-
-
 def threshold_for(model: "AnomalyModel", percentile: Optional[float]) -> "tuple[float, float]":
-    """(percentile, threshold) from the model's healthy calibration."""
+    """(percentile, threshold) from the model's healthy calibration; ``None`` = its operating point."""
     if model.calibration is None:
         raise ModelFileError("this model is not calibrated: run `anomalyseg calibrate MODEL HEALTHY...` first")
-    pct = model.method.default_percentile if percentile is None else float(percentile)
-    if not 0.0 < pct < 100.0:
-        raise AnomalySegError(f"--percentile must be between 0 and 100 (exclusive), got {pct}")
+    try:
+        pct = percentile_or_default(percentile, model.default_percentile)
+    except ValueError as exc:
+        raise AnomalySegError(f"--percentile must be between 0 and 100 (exclusive), got {percentile}") from exc
     return pct, model.calibration.threshold(pct)
 
 
 def threshold_scores(scores: VolumeScores, model: "AnomalyModel", *, percentile: Optional[float] = None) -> SegmentationResult:
-    """Mask = brain voxels whose score exceeds the healthy-percentile threshold (no network run)."""
+    """Mask and lesions of scored volume at a healthy percentile (no network run)."""
     pct, _ = threshold_for(model, percentile)
-    threshold, mask = model.calibration.flag(scores.heatmap, scores.brain_mask, pct)
-    lesions: list[Lesion] = find_lesions(mask, scores.volume.affine, scores.heatmap)
-    return SegmentationResult(
-        heatmap=scores.heatmap,
-        mask=mask.astype(np.uint8),
-        threshold=threshold,
-        percentile=pct,
-        lesions=lesions,
-        total_volume_ml=float(sum(lesion.volume_ml for lesion in lesions)),
-        model_version=model.version,
-    )
+    return segment_heatmap(scores.heatmap, scores.brain_mask, scores.volume.affine, model.calibration, pct,
+                           fallback_percentile=model.method.default_percentile, model_version=model.version)
 
 
 def segment_volume(

@@ -23,7 +23,8 @@ from . import MODEL_FORMAT_VERSION, __version__
 from .calibration import Calibration
 from .errors import ModelFileError, OutputError
 from .methods import MethodParams
-from .models import ConvVAE, VAEConfig
+from .models import VAEConfig, build_network
+from .position_stats import PositionStats
 from .preprocessing import PreprocessConfig
 
 FORMAT_NAME = "anomalyseg-model"
@@ -47,12 +48,16 @@ def weights_digest(state_dict: dict) -> str:
 class AnomalyModel:
     """A trained network bundled with everything needed to use it consistently."""
 
-    network: ConvVAE
+    network: torch.nn.Module  # ConvVAE or UNet (models.build_network)
     network_config: VAEConfig
     preprocessing: PreprocessConfig
     method: MethodParams
     training: dict = field(default_factory=dict)
     calibration: Optional[Calibration] = None
+    #: Healthy mean/std of the map per normalised position (None: maps are used as scored).
+    position_stats: Optional[PositionStats] = None
+    #: Healthy statistics of the preprocessed intensity (for ``method.fuse_intensity``).
+    intensity_stats: Optional[PositionStats] = None
     model_id: str = ""
     library_version: str = __version__
     format_version: int = MODEL_FORMAT_VERSION
@@ -61,6 +66,14 @@ class AnomalyModel:
     def version(self) -> str:
         """Human-readable identity: library version / method / weights digest."""
         return f"{self.library_version}/{self.method.method}/{self.model_id or weights_digest(self.network.state_dict())}"
+
+    @property
+    def default_percentile(self) -> float:
+        """The healthy percentile used when none is given: the calibration's operating point
+        (chosen on held-out healthy volumes), else the method's default."""
+        if self.calibration is not None:
+            return self.calibration.default_percentile(self.method.default_percentile)
+        return float(self.method.default_percentile)
 
     def summary(self) -> dict:
         """JSON-able description (for `anomalyseg info`, reports and the Slicer model list)."""
@@ -74,12 +87,18 @@ class AnomalyModel:
             "network": self.network_config.to_dict(),
             "preprocessing": self.preprocessing.to_dict(),
             "calibrated": self.calibration is not None,
+            "position_normalised": self.position_stats is not None,
             "calibration": None if self.calibration is None else {
                 "n_pixels": self.calibration.n_pixels,
                 "n_images": self.calibration.n_images,
                 "n_volumes": self.calibration.n_volumes,
                 "source": self.calibration.source,
-                "threshold_at_default_percentile": self.calibration.threshold(self.method.default_percentile),
+                "default_percentile": self.default_percentile,
+                "threshold_at_default_percentile": self.calibration.threshold(self.default_percentile),
+                "operating_percentile": self.calibration.operating_percentile,
+                "min_component_ml": self.calibration.min_component_ml,
+                "max_false_components": self.calibration.max_false_components,
+                "false_components_per_volume": self.calibration.false_components_per_volume,
             },
             "training": training,
             "parameters": {part: self.network.num_parameters(part) for part in ("all", "attention", "encoder", "decoder")},
@@ -102,6 +121,8 @@ class AnomalyModel:
             "method": json.dumps(self.method.to_dict()),
             "training": json.dumps(self.training),
             "calibration": json.dumps(self.calibration.to_dict()) if self.calibration is not None else "",
+            "position_stats": json.dumps(self.position_stats.to_dict()) if self.position_stats is not None else "",
+            "intensity_stats": json.dumps(self.intensity_stats.to_dict()) if self.intensity_stats is not None else "",
             "state_dict": state,
         }
         atomic_torch_save(payload, path)
@@ -162,7 +183,13 @@ def load_model(path: PathLike, *, device: Union[str, torch.device] = "cpu") -> A
         training = json.loads(payload.get("training") or "{}")
         calibration_json = payload.get("calibration") or ""
         calibration = Calibration.from_dict(json.loads(calibration_json)) if calibration_json else None
-        network = ConvVAE(network_config)
+        stats_json = payload.get("position_stats") or ""
+        position_stats = PositionStats.from_dict(json.loads(stats_json)) if stats_json else None
+        intensity_json = payload.get("intensity_stats") or ""
+        intensity_stats = PositionStats.from_dict(json.loads(intensity_json)) if intensity_json else None
+        if method.fuse_intensity > 0 and intensity_stats is None:
+            raise ValueError("the method fuses intensity but the file has no intensity statistics")
+        network = build_network(network_config)
         network.load_state_dict(payload["state_dict"], strict=True)
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise ModelFileError(f"{path} is damaged or inconsistent: {exc}".splitlines()[0]) from exc
@@ -174,6 +201,8 @@ def load_model(path: PathLike, *, device: Union[str, torch.device] = "cpu") -> A
         method=method,
         training=training,
         calibration=calibration,
+        position_stats=position_stats,
+        intensity_stats=intensity_stats,
         model_id=str(payload.get("model_id", "")),
         library_version=str(payload.get("library_version", "")),
         format_version=int(payload["format_version"]),

@@ -110,6 +110,10 @@ class ModelEntry:
         if isinstance(method, dict):
             default_percentile = method.get("default_percentile")
             method = method.get("method")
+        calibration = summary.get("calibration")
+        if isinstance(calibration, dict) and calibration.get("default_percentile") is not None:
+            # the operating point chosen on held-out healthy volumes wins over the method's start value
+            default_percentile = calibration["default_percentile"]
         details = {k: summary[k] for k in ("model_id", "library_version", "training", "calibration") if k in summary}
         return cls(name=name, path=Path(path), method=str(method or "unknown"), version=str(summary.get("version", "")),
                    calibrated=bool(summary.get("calibrated", False)), source=source, sha256=sha256,

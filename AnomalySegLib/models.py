@@ -37,9 +37,10 @@ from torch import Tensor, nn
 
 from .settings import JsonSettings
 
-__all__ = ["VAEConfig", "VAEOutput", "ConvVAE", "BasicBlock", "UpBlock"]
+__all__ = ["VAEConfig", "VAEOutput", "ConvVAE", "BasicBlock", "UpBlock", "build_network", "ARCHITECTURES"]
 
 NUM_STAGES = 5
+ARCHITECTURES = ("vae", "unet")
 
 
 @dataclass
@@ -51,9 +52,18 @@ class VAEConfig(JsonSettings):
     base_width: int = 64
     latent_dim: int = 32
     attention_stage: int = 1
+    #: ``vae`` (:class:`ConvVAE`) or ``unet`` (:class:`~AnomalySegLib.unet.UNet`, the
+    #: denoising auto-encoder; ``latent_dim`` and ``attention_stage`` are then unused).
+    #: Files written before this field existed are VAEs.
+    architecture: str = "vae"
 
     def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"VAEConfig.architecture must be one of {', '.join(ARCHITECTURES)}, "
+                             f"got {self.architecture!r}")
         for f in dataclasses.fields(self):
+            if f.name == "architecture":
+                continue
             value = getattr(self, f.name)
             # bool is an int subclass; a True/False width is always a mistake.
             if isinstance(value, bool) or not isinstance(value, int):
@@ -307,3 +317,12 @@ class _Decoder(nn.Module):
     def forward(self, z: Tensor) -> Tensor:  # noqa: D102
         h = F.relu(self.fc(z)).view(z.shape[0], self.cin, self.bottom, self.bottom)
         return self.out(self.blocks(h))
+
+
+def build_network(config: VAEConfig) -> nn.Module:
+    """The network a configuration describes: a :class:`ConvVAE` or a U-Net (``dae``)."""
+    if config.architecture == "unet":
+        from .unet import UNet
+
+        return UNet(config)
+    return ConvVAE(config)

@@ -23,7 +23,7 @@ from .segmentation_file import write_seg_nrrd
 from .volume_io import Volume, write_nifti
 
 if TYPE_CHECKING:
-    from .inference import SegmentationResult
+    from .postprocess import SegmentationResult
 
 OUTPUT_KINDS = ("heatmap", "mask", "segmentation", "report")
 

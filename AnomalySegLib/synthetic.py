@@ -1,9 +1,17 @@
 """Offline synthetic brain MRI: healthy cohorts and lesion cases with known masks.
 
 No lesion data set can be downloaded, so the demo, the end-to-end tests and the
-benchmark build their data from the one whole-brain anatomy that ships inside an
-installed package: the MNI152 ICBM 2009a symmetric template (T1 + grey/white matter
-probability maps) in nilearn's wheel. It is located on disk without importing nilearn.
+benchmark build their data from whole-brain anatomies that ship inside installed
+packages (:data:`TEMPLATES`):
+
+    * ``mni152``: the MNI152 ICBM 2009a symmetric template (T1 + grey/white matter
+      probability maps) in nilearn's wheel, located on disk without importing nilearn.
+      An average of 152 brains: smooth, blurred folding.
+    * ``colin27``: the Colin27 single-subject scan (27 averaged T1 acquisitions of one
+      person, skull-stripped ``ch2bet.nii.gz``, 1 mm) from Debian's ``mricron-data``
+      package. It ships no tissue maps, so soft GM/WM/CSF maps are derived from its T1
+      (a partial-volume model between the three tissue intensities, see
+      :func:`_soft_tissue_maps`). Sharp individual folding, different ventricles.
 
 Realism choices
     * Anatomy: every subject is the template under a random small affine (rotation
@@ -14,6 +22,10 @@ Realism choices
       flair: GM > WM > CSF), plus the real T1 texture that the three-tissue model does
       not explain (its residual), rescaled to the synthetic GM/WM contrast (so the
       texture is inverted for T2/FLAIR).
+    * Lesion centres (``placement``): "deep" (the published benchmark) draws them in
+      deep white matter (any parenchyma for "small"); "mixed" draws them anywhere in
+      grey or white matter, cortex included. Either way at least 85 % of the blob must
+      lie inside the brain (the best of up to 40 random centres otherwise).
     * Lesions are added before the bias field and the noise, so they carry both
       (no noise-free shortcut): blobby ellipsoids (random axes and orientation,
       radius perturbed by a smooth random field), soft edges (the label is the
@@ -27,12 +39,13 @@ Realism choices
       (skull-stripped, like BraTS).
 
 Limits
-    One anatomy deformed (no true inter-subject variability of folding, ventricles,
-    age), synthetic contrasts rather than physics (no T1/T2 relaxation model, no
-    partial-volume model beyond the probability maps), lesion directions fixed per
-    kind whatever the contrast, no mass effect. These data test that the software
-    works end to end and rank methods on a controlled problem; they are not a
-    substitute for validation on real clinical scans.
+    Two anatomies deformed (little true inter-subject variability of folding,
+    ventricles, age; colin27's tissue maps come from its own T1 intensities, so deep
+    grey nuclei are GM/WM mixtures), synthetic contrasts rather than physics (no T1/T2
+    relaxation model, no partial-volume model beyond the probability maps), lesion
+    directions fixed per kind whatever the contrast, no mass effect. These data test
+    that the software works end to end and rank methods on a controlled problem; they
+    are not a substitute for validation on real clinical scans.
 """
 
 from __future__ import annotations
@@ -57,7 +70,9 @@ __all__ = [
     "LESION_RADIUS_MM",
     "CONTRASTS",
     "TEMPLATES",
+    "PLACEMENTS",
     "load_template",
+    "cohort_case_seeds",
     "synthesize_case",
     "make_cohort",
 ]
@@ -97,7 +112,12 @@ _BASE_CONTRAST: Dict[str, Tuple[float, float, float]] = {
 CONTRASTS: Tuple[str, ...] = ("t1", "t2", "flair", "random")
 
 #: Template names accepted by :func:`load_template`.
-TEMPLATES: Tuple[str, ...] = ("mni152",)
+TEMPLATES: Tuple[str, ...] = ("mni152", "colin27")
+
+#: Lesion placements accepted by :func:`synthesize_case`: "deep" = deep white matter
+#: (any parenchyma for "small"; the published benchmark), "mixed" = anywhere in grey or
+#: white matter, cortex included.
+PLACEMENTS: Tuple[str, ...] = ("deep", "mixed")
 
 _MNI_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
@@ -105,6 +125,11 @@ _MNI_FILES = {
     "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
 }
 _NILEARN_MISSING = "the demo needs the MNI152 template shipped with nilearn: pip install nilearn"
+
+#: Where Debian's mricron-data package installs the skull-stripped Colin27 T1.
+_COLIN27_FILE = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
+_COLIN27_MISSING = ("the colin27 template needs the Colin27 scan from Debian's mricron-data package "
+                    "(apt-get install mricron-data)")
 
 
 # --------------------------------------------------------------------------- data types
@@ -138,7 +163,7 @@ class LesionSpec:
     """One lesion to insert.
 
     ``kind`` is one of :data:`LESION_KINDS`. Optional overrides: ``center_mm`` (RAS
-    world coordinate; default: random inside the white matter), ``radius_mm``
+    world coordinate; default: random, see ``placement`` of :func:`synthesize_case`), ``radius_mm``
     (geometric mean of the semi-axes; default: random in :data:`LESION_RADIUS_MM`),
     ``contrast`` (magnitude of the intensity change as a fraction of the WM intensity;
     the sign is fixed by the kind).
@@ -189,10 +214,127 @@ def _resample(data: np.ndarray, factor: float, shape: Tuple[int, ...]) -> np.nda
     )
 
 
-@functools.lru_cache(maxsize=1)
-def _load_native(name: str) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
-    """Native template maps (as stored, uint8 for MNI152) and RAS affine; cached so that
-    several resolutions read the compressed files once."""
+def _colin27_file() -> Path:
+    """Path of ``ch2bet.nii.gz``; InputError naming the Debian package when it is absent."""
+    if not _COLIN27_FILE.is_file():
+        raise InputError(f"{_COLIN27_MISSING}: {_COLIN27_FILE} not found")
+    return _COLIN27_FILE
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> Tuple[slice, ...]:
+    """Slices of the smallest box holding ``mask``'s True voxels, grown by ``margin`` (clipped)."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(int(hit[0]) - margin, 0), int(hit[-1]) + margin + 1))
+    return tuple(box)
+
+
+def _histogram_peak(hist: np.ndarray, lo: int, hi: int) -> float:
+    """Intensity of the highest interior local maximum of ``hist[lo:hi]`` (its mean if none).
+
+    Interior only: a class cut from a rising flank has its maximum at the cut, which is
+    not a tissue intensity. (scipy.signal.find_peaks would do, but importing it costs seconds.)
+    """
+    part = hist[lo:hi]
+    inner = np.flatnonzero((part[1:-1] > part[:-2]) & (part[1:-1] >= part[2:])) + 1
+    if inner.size:
+        return float(lo + inner[int(np.argmax(part[inner]))])
+    return float(lo + (np.arange(part.size) * part).sum() / max(part.sum(), 1e-12))
+
+
+def _otsu3(hist: np.ndarray) -> Tuple[int, int]:
+    """Two thresholds (t1 < t2, classes [0,t1], (t1,t2], (t2,end)) maximising the
+    between-class variance of a histogram (exhaustive 3-class Otsu, vectorised)."""
+    x = np.arange(hist.size, dtype=np.float64)
+    p = hist / max(float(hist.sum()), 1e-12)
+    w, m = np.cumsum(p), np.cumsum(p * x)
+    i, j = np.meshgrid(np.arange(hist.size), np.arange(hist.size), indexing="ij")
+    w0, w1, w2 = w[i], w[j] - w[i], 1.0 - w[j]
+    m0, m1, m2 = m[i], m[j] - m[i], m[-1] - m[j]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = m0 ** 2 / w0 + m1 ** 2 / w1 + m2 ** 2 / w2
+    score = np.where((i < j) & (w0 > 1e-9) & (w1 > 1e-9) & (w2 > 1e-9), score, -np.inf)
+    t1, t2 = np.unravel_index(int(np.argmax(score)), score.shape)
+    return int(t1), int(t2)
+
+
+def _soft_tissue_maps(t1: np.ndarray, brain: np.ndarray) -> Tuple[np.ndarray, np.ndarray, Dict[str, float]]:
+    """Soft GM and WM probability maps (float32, GM + WM <= 1, 0 outside ``brain``) from a
+    skull-stripped integer-valued T1 (WM > GM > CSF).
+
+    A 3-class Otsu split of the brain histogram finds the classes; each class's pure
+    intensity is its highest histogram peak (class means are pulled by partial volume:
+    Colin27's CSF peak is at 32 but the dark class's mean at 53). Memberships then
+    interpolate linearly between neighbouring pure intensities (a partial-volume model:
+    a voxel half-way between the GM and WM peaks is half GM, half WM), below the CSF peak
+    all CSF, above the WM peak all WM. Gaussian-mixture posteriors were tried and
+    rejected: the averaged scan's very narrow WM peak (sd ~4 against ~12 for GM) left
+    10 % "GM" in the brightest WM, and partial volume pulled the CSF class to ~49.
+    A light normalised smoothing inside the brain (sigma 0.5 voxel) removes the
+    single-voxel noise of the class boundaries without leaking tissue out of the mask.
+    Returns (gm, wm, pure intensities).
+    """
+    # Work in the brain's bounding box (+2 voxels for the smoothing): half the grid.
+    box = _bounding_box(brain, margin=2)
+    full_shape = t1.shape
+    t1, brain = t1[box], brain[box]
+    values = t1[brain].astype(np.int64)
+    hist = ndimage.gaussian_filter1d(np.bincount(values, minlength=int(values.max()) + 1).astype(np.float64), 1.5)
+    hist[0] = 0.0
+    lo, hi = _otsu3(hist)
+    pure = np.array([_histogram_peak(hist, 1, lo + 1), _histogram_peak(hist, lo + 1, hi + 1),
+                     _histogram_peak(hist, hi + 1, hist.size)])
+    if not (pure[0] < pure[1] < pure[2]):
+        raise InputError(f"cannot derive tissue maps: class intensities {pure.tolist()} are not CSF < GM < WM")
+    x = t1.astype(np.float32)
+    wm = np.clip((x - pure[1]) / (pure[2] - pure[1]), 0.0, 1.0)
+    gm_rise = np.clip((x - pure[0]) / (pure[1] - pure[0]), 0.0, 1.0)  # CSF -> GM ramp
+    gm = np.where(x <= pure[1], gm_rise, 1.0 - wm)
+    mask = brain.astype(np.float32)
+    norm = ndimage.gaussian_filter(mask, 0.5)
+    norm = np.maximum(norm, 1e-6)
+    out = []
+    for p in (gm, wm):
+        full = np.zeros(full_shape, dtype=np.float32)
+        full[box] = np.where(brain, ndimage.gaussian_filter(p * mask, 0.5) / norm, 0.0)
+        out.append(full)
+    return out[0], out[1], {"csf": float(pure[0]), "gm": float(pure[1]), "wm": float(pure[2])}
+
+
+def _load_colin27() -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+    """Colin27 T1 (brain only) plus derived GM/WM maps, all uint8 (maps coded 0-255 like
+    MNI152's, floored so that GM + WM never exceeds 255), and the RAS affine."""
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.load(str(_colin27_file())))  # RAS: axis 2 superior
+    t1 = np.asarray(img.dataobj)
+    if t1.ndim != 3 or t1.dtype.kind not in "ui":
+        raise InputError(f"{_COLIN27_FILE}: expected a 3D integer T1, got {t1.dtype} {t1.shape}")
+    # Brain extraction left ~100 specks and 1-voxel strands of non-brain (mostly near the
+    # midline and the skull base): open once, keep the largest component, fill holes.
+    # (In the non-zero bounding box, about half the grid: loading time matters in tests.)
+    if not t1.any():
+        raise InputError(f"{_COLIN27_FILE} is empty")
+    box = _bounding_box(t1 > 0, margin=2)
+    core = ndimage.binary_opening(t1[box] > 0, ndimage.generate_binary_structure(3, 1))
+    labels, n = ndimage.label(core)
+    if n == 0:
+        raise InputError(f"{_COLIN27_FILE} holds no brain")
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    brain = np.zeros(t1.shape, dtype=bool)
+    brain[box] = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)))
+    # A filled hole would be 0 in the T1: lift it to 1 so that the loader's "T1 > 0"
+    # brain mask reproduces this one exactly.
+    t1 = np.where(brain, np.maximum(t1, 1), 0).astype(np.uint8)
+    gm, wm, _ = _soft_tissue_maps(t1, brain)
+    maps = {"t1": t1, "gm": np.floor(gm * 255.0).astype(np.uint8), "wm": np.floor(wm * 255.0).astype(np.uint8)}
+    return maps, img.affine.astype(np.float64)
+
+
+def _load_mni152() -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+    """MNI152 T1, GM and WM maps as stored (uint8) and the RAS affine."""
     import nibabel as nib  # local: keeps `import AnomalySegLib.synthetic` light
 
     folder = _nilearn_data_dir()
@@ -201,8 +343,17 @@ def _load_native(name: str) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
     for key, fname in _MNI_FILES.items():
         img = nib.as_closest_canonical(nib.load(str(folder / fname)))  # RAS: axis 2 superior
         maps[key] = np.asarray(img.dataobj)
-        maps[key].setflags(write=False)
         affine = img.affine.astype(np.float64)
+    return maps, affine
+
+
+@functools.lru_cache(maxsize=len(TEMPLATES))
+def _load_native(name: str) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+    """Native template maps (t1, gm, wm; uint8 with probabilities coded 0-255) and RAS
+    affine; cached so that several resolutions read (and for colin27 segment) once."""
+    maps, affine = _load_colin27() if name == "colin27" else _load_mni152()
+    for a in maps.values():
+        a.setflags(write=False)
     return maps, affine
 
 
@@ -212,8 +363,8 @@ def load_template(name: str = "mni152", resolution_mm: float = 2.0) -> Template:
     Voxel ``j`` of the result lies at voxel ``j * resolution_mm / native_mm`` of the
     native grid (same first-voxel centre), so the affine is ``native @ diag(f, f, f, 1)``
     and every world coordinate is preserved. Cached per (name, resolution); the cached
-    arrays are read-only. Raises InputError if the template is unknown or nilearn is
-    not installed.
+    arrays are read-only. Raises InputError if the template is unknown or its files are
+    missing (mni152: ``pip install nilearn``; colin27: ``apt-get install mricron-data``).
     """
     if name not in TEMPLATES:
         raise InputError(f"unknown template {name!r}; available: {', '.join(TEMPLATES)}")
@@ -415,9 +566,24 @@ def _lesion_shape(center: np.ndarray, radius_mm: float, vox: float, shape: Seque
     return box, f.astype(np.float32), tex.astype(np.float32)
 
 
+def _centre_tissue(maps: Dict[str, np.ndarray], centre: np.ndarray) -> str:
+    """Most probable tissue ("gm", "wm" or "csf") at the voxel nearest ``centre``."""
+    idx = tuple(int(np.clip(np.rint(c), 0, n - 1)) for c, n in zip(centre, maps["brain"].shape))
+    gm, wm = float(maps["gm"][idx]), float(maps["wm"][idx])
+    probs = {"gm": gm, "wm": wm, "csf": max(float(maps["brain"][idx]) - gm - wm, 0.0)}
+    return max(probs, key=probs.get)
+
+
 def _place_lesion(spec: LesionSpec, maps: Dict[str, np.ndarray], affine: np.ndarray, vox: float,
-                  occupied: np.ndarray, z_range: Tuple[int, int], rng: np.random.Generator):
-    """Choose centre and radius, retrying random centres until the blob lies >= 85 % in the brain."""
+                  occupied: np.ndarray, z_range: Tuple[int, int], rng: np.random.Generator,
+                  placement: str = "deep"):
+    """Choose centre and radius, retrying random centres until the blob lies >= 85 % in the brain.
+
+    ``placement`` "deep": centres in deep WM (WM probability > 0.4; any parenchyma for
+    "small"). "mixed": any parenchyma voxel (GM + WM > 0.5, cortex included) for every
+    kind, so roughly half the candidates are grey matter. The "deep" path draws exactly
+    the random numbers it always did: the published benchmark stays reproducible.
+    """
     brain = maps["brain"]
     lo, hi = _LESION_CONTRAST[spec.kind]
     radius = float(spec.radius_mm) if spec.radius_mm is not None else rng.uniform(*LESION_RADIUS_MM[spec.kind])
@@ -425,8 +591,9 @@ def _place_lesion(spec: LesionSpec, maps: Dict[str, np.ndarray], affine: np.ndar
         inv = np.linalg.inv(affine)
         centres = [inv[:3, :3] @ np.asarray(spec.center_mm, dtype=np.float64) + inv[:3, 3]]
     else:
-        # Deep tissue (WM, or any parenchyma for small lesions) inside the kept slab.
-        tissue = maps["wm"] > 0.4 if spec.kind != "small" else (maps["gm"] + maps["wm"]) > 0.5
+        # Candidate tissue inside the kept slab.
+        parenchyma = (maps["gm"] + maps["wm"]) > 0.5
+        tissue = maps["wm"] > 0.4 if placement == "deep" and spec.kind != "small" else parenchyma
         zone = tissue & brain
         zone[:, :, : z_range[0]] = False
         zone[:, :, z_range[1]:] = False
@@ -519,6 +686,7 @@ def synthesize_case(
     bias: bool = True,
     noise: Optional[float] = None,
     n_slices: Optional[int] = None,
+    placement: str = "deep",
 ) -> SyntheticCase:
     """Synthesize one subject from ``template``.
 
@@ -528,6 +696,9 @@ def synthesize_case(
     (default random 0.02-0.04; 0 disables). ``n_slices`` keeps the central axial
     slices of the brain (the paper's BraTS protocol) and shifts the affine's origin so
     world coordinates are unchanged; lesion centres are then drawn inside that slab.
+    ``placement`` (:data:`PLACEMENTS`) chooses where random lesion centres go: "deep"
+    (default, the published benchmark) in deep white matter, "mixed" anywhere in grey
+    or white matter. ``meta`` records it, and per lesion the tissue at the centre.
     """
     seed = int(rng) if isinstance(rng, (int, np.integer)) else None
     gen = np.random.default_rng(seed) if seed is not None else rng
@@ -535,6 +706,8 @@ def synthesize_case(
         raise TypeError("rng must be a numpy Generator or an int seed")
     if contrast not in CONTRASTS:
         raise InputError(f"unknown contrast {contrast!r}; choose from {', '.join(CONTRASTS)}")
+    if placement not in PLACEMENTS:
+        raise InputError(f"unknown lesion placement {placement!r}; choose from {', '.join(PLACEMENTS)}")
     specs = [_as_spec(l) for l in lesions]
     shape = template.t1.shape
     vox = template.voxel_size_mm
@@ -551,9 +724,12 @@ def synthesize_case(
     occupied = np.zeros(shape, dtype=bool)
     lesion_info = []
     for spec in specs:
-        c, radius, lc, box, f, tex = _place_lesion(spec, maps, template.affine, vox, occupied, z_range, gen)
+        c, radius, lc, box, f, tex = _place_lesion(spec, maps, template.affine, vox, occupied, z_range, gen,
+                                                   placement)
         info = {"kind": spec.kind, "radius_mm": float(radius), "contrast": float(lc),
-                "center_mm": [float(v) for v in template.affine[:3, :3] @ c + template.affine[:3, 3]]}
+                "center_mm": [float(v) for v in template.affine[:3, :3] @ c + template.affine[:3, 3]],
+                "placement": "given" if spec.center_mm is not None else placement,
+                "center_tissue": _centre_tissue(maps, c)}
         _apply_lesion(image, spec.kind, box, f, tex, lc, w_wm, gen, info)
         own = np.zeros(shape, dtype=bool)
         own[box] = (f < 1.0) & brain[box]
@@ -601,6 +777,7 @@ def synthesize_case(
         lesion_volume_ml=float(label.sum()) * voxel_ml,
         n_slices=n_slices,
         slice_offset=k0,
+        placement=placement,
         deformed=bool(deform),
         biased=bool(bias),
     )
@@ -613,6 +790,29 @@ def synthesize_case(
 def _case_seed(seed: int, group: int, index: int) -> int:
     """Independent, reproducible per-case seed (so any case can be regenerated alone)."""
     return int(np.random.SeedSequence([int(seed), group, index]).generate_state(1, dtype=np.uint32)[0])
+
+
+def _cohort_jobs(n_healthy: int, n_lesion: int, n_lesion_free_test: int,
+                 kinds: Sequence[str]) -> List[Tuple[str, str, int, int, Tuple[str, ...]]]:
+    """(folder, name, seed group, index, lesion kinds) of every case :func:`make_cohort` writes."""
+    jobs = [("healthy", f"healthy_{i:03d}", 0, i, ()) for i in range(n_healthy)]
+    for i in range(n_lesion):
+        kind = kinds[i % len(kinds)]
+        count = 1 if kind != "small" else 2 + i // len(kinds) % 3  # 2-4, deterministic
+        jobs.append(("test", f"lesion_{i:03d}", 1, i, (kind,) * count))
+    jobs += [("test", f"normal_{i:03d}", 2, i, ()) for i in range(n_lesion_free_test)]
+    return jobs
+
+
+def cohort_case_seeds(seed: int, *, n_healthy: int, n_lesion: int = 0, n_lesion_free_test: int = 0) -> Dict[str, int]:
+    """Case name -> the integer seed :func:`make_cohort` gives that case (without writing
+    anything), e.g. to check that an evaluation cohort shares no subject with a tuning one.
+
+    Seeds come from ``SeedSequence([seed, group, index])`` (group 0 healthy, 1 lesion,
+    2 lesion-free test), so cohorts with different ``seed`` draw from disjoint entropy.
+    """
+    jobs = _cohort_jobs(n_healthy, n_lesion, n_lesion_free_test, ("bright",))
+    return {name: _case_seed(seed, group, index) for _, name, group, index, _ in jobs}
 
 
 def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype) -> None:
@@ -636,8 +836,9 @@ def make_cohort(
     seed: int = 0,
     resolution_mm: float = 2.0,
     n_slices: Optional[int] = None,
-    template: str = "mni152",
+    template: Union[str, Sequence[str]] = "mni152",
     contrast: str = "flair",
+    placement: str = "deep",
 ) -> dict:
     """Write a synthetic cohort as NIfTI files and return its manifest (also manifest.json).
 
@@ -646,11 +847,15 @@ def make_cohort(
     through ``lesion_kinds``; "small" cases get 2-4 small lesions), and
     ``test/normal_NNN.nii.gz`` + all-zero ``test/normal_NNN_label.nii.gz``. Images are
     float32, labels uint8. One contrast for the whole cohort (default FLAIR, as in the
-    paper's BraTS experiments; "random" mixes them). Same arguments, identical files.
+    paper's BraTS experiments; "random" mixes them). ``template`` is one name of
+    :data:`TEMPLATES` or several: case ``i`` of each group (healthy, lesion, lesion-free)
+    uses ``template[i % len(template)]``, so the anatomies alternate. ``placement`` as in
+    :func:`synthesize_case`. Same arguments, identical files.
 
     Manifest keys: ``healthy`` (image paths), ``test`` (image paths), ``labels`` (label
     paths, parallel to ``test``), ``cases`` (name -> meta; meta has ``image``, ``label``),
-    plus the generation arguments. Paths are relative to ``output_dir`` (POSIX).
+    plus the generation arguments (``template`` as given, ``templates`` always a list).
+    Paths are relative to ``output_dir`` (POSIX).
     """
     for name, value in (("n_healthy", n_healthy), ("n_lesion", n_lesion),
                         ("n_lesion_free_test", n_lesion_free_test)):
@@ -663,9 +868,15 @@ def make_cohort(
         _as_spec(k)
     if contrast not in CONTRASTS:
         raise InputError(f"unknown contrast {contrast!r}; choose from {', '.join(CONTRASTS)}")
-    tpl = load_template(template, resolution_mm)
+    if placement not in PLACEMENTS:
+        raise InputError(f"unknown lesion placement {placement!r}; choose from {', '.join(PLACEMENTS)}")
+    names = [template] if isinstance(template, str) else [str(t) for t in template]
+    if not names:
+        raise InputError("no template given")
+    tpls = [load_template(t, resolution_mm) for t in names]
     if n_slices is not None:
-        _central_slab(tpl.brain, n_slices)  # validate before writing anything
+        for tpl in tpls:
+            _central_slab(tpl.brain, n_slices)  # validate before writing anything
     out = Path(output_dir)
     try:
         (out / "healthy").mkdir(parents=True, exist_ok=True)
@@ -675,21 +886,18 @@ def make_cohort(
 
     manifest: dict = {
         "generator": "AnomalySegLib.synthetic", "format_version": 1, "seed": int(seed),
-        "template": template, "resolution_mm": float(resolution_mm), "n_slices": n_slices,
-        "contrast": contrast, "lesion_kinds": kinds,
+        "template": template if isinstance(template, str) else list(names), "templates": names,
+        "resolution_mm": float(resolution_mm), "n_slices": n_slices,
+        "contrast": contrast, "lesion_kinds": kinds, "placement": placement,
         "healthy": [], "test": [], "labels": [], "cases": {},
     }
-    jobs = [("healthy", f"healthy_{i:03d}", 0, i, ()) for i in range(n_healthy)]
-    for i in range(n_lesion):
-        kind = kinds[i % len(kinds)]
-        count = 1 if kind != "small" else 2 + i // len(kinds) % 3  # 2-4, deterministic
-        jobs.append(("test", f"lesion_{i:03d}", 1, i, (kind,) * count))
-    jobs += [("test", f"normal_{i:03d}", 2, i, ()) for i in range(n_lesion_free_test)]
+    jobs = _cohort_jobs(n_healthy, n_lesion, n_lesion_free_test, kinds)
 
     try:
         for folder, name, group, index, lesions in jobs:
             case_seed = _case_seed(seed, group, index)
-            case = synthesize_case(tpl, case_seed, lesions=lesions, contrast=contrast, n_slices=n_slices)
+            case = synthesize_case(tpls[index % len(tpls)], case_seed, lesions=lesions, contrast=contrast,
+                                   n_slices=n_slices, placement=placement)
             image_rel = f"{folder}/{name}.nii.gz"
             _write_nifti(out / image_rel, case.image, case.affine, np.float32)
             meta = dict(case.meta, name=name, image=image_rel)

@@ -23,10 +23,11 @@ import torch.distributed as dist
 from . import MODEL_FORMAT_VERSION, __version__
 from .calibration import calibrate_prepared
 from .errors import AnomalySegError, InputError, ModelFileError
-from .inference import autocast_for, resolve_device
-from .methods import METHODS, MethodParams, default_warmup_epochs, training_loss
+from .device import autocast_for, resolve_device
+from .methods import ARCHITECTURE_OF, METHODS, MethodParams, default_warmup_epochs, training_loss
 from .model_file import AnomalyModel, atomic_torch_save, load_model, read_payload
-from .models import ConvVAE, VAEConfig
+from .models import VAEConfig, build_network
+from .position_stats import PositionStats
 from .preprocessing import PreparedVolume, PreprocessConfig, prepare_volume
 from .progress import CancelCallback, EtaEstimator, ProgressCallback, ProgressEvent, check_cancel, emit
 from .settings import JsonSettings
@@ -53,6 +54,8 @@ class TrainConfig(JsonSettings):
     calibration_fraction: float = 0.2
     method_overrides: dict = field(default_factory=dict)
     preprocessing_overrides: dict = field(default_factory=dict)
+    #: Name of the profile these settings came from (profiles.py), "" for hand-made configs.
+    profile: str = ""
 
     def validate(self) -> None:
         """Raise ValueError with a user-facing message for impossible settings."""
@@ -119,7 +122,7 @@ def _init_distributed(device_spec: str) -> _Dist:
 class _LossModule(torch.nn.Module):
     """Wraps network + method loss so DistributedDataParallel sees one forward per step."""
 
-    def __init__(self, network: ConvVAE, params: MethodParams) -> None:
+    def __init__(self, network: torch.nn.Module, params: MethodParams) -> None:
         super().__init__()
         self.network = network
         self.params = params
@@ -148,6 +151,27 @@ def _load_and_prepare(
     return prepared, names
 
 
+#: Training volumes scored to fit the position statistics (enough for stable per-bin
+#: moments; more only costs time).
+POSITION_STATS_MAX_VOLUMES = 16
+
+
+def fit_position_stats(model: AnomalyModel, volumes: Sequence[PreparedVolume], *, device,
+                       cancel: Optional[CancelCallback] = None) -> "tuple[PositionStats, Optional[PositionStats]]":
+    """Healthy per-position statistics of the model's raw maps on (up to 16 evenly spread)
+    training volumes, and of their intensities when the method fuses intensity."""
+    from .inference import score_prepared
+
+    step = max(1, int(math.ceil(len(volumes) / POSITION_STATS_MAX_VOLUMES)))
+    chosen = list(volumes)[::step]
+    maps = [score_prepared(model, v, device=device, cancel=cancel, normalise=False) for v in chosen]
+    masks, indices = [v.masks for v in chosen], [v.slice_indices for v in chosen]
+    intensity = None
+    if model.method.fuse_intensity > 0:
+        intensity = PositionStats.fit([v.images for v in chosen], masks, indices)
+    return PositionStats.fit(maps, masks, indices), intensity
+
+
 def split_volumes(count: int, fraction: float, seed: int) -> "tuple[list[int], list[int]]":
     """Deterministic split into (training, held-out calibration) volume indices.
 
@@ -165,7 +189,7 @@ def split_volumes(count: int, fraction: float, seed: int) -> "tuple[list[int], l
 
 
 def _save_checkpoint(path: Path, *, config: TrainConfig, network_config: VAEConfig, preprocessing: PreprocessConfig,
-                     params: MethodParams, epoch: int, network: ConvVAE, optimizer, scaler, history: list,
+                     params: MethodParams, epoch: int, network: torch.nn.Module, optimizer, scaler, history: list,
                      names: list, init_id: str) -> None:
     atomic_torch_save(
         {
@@ -191,7 +215,7 @@ def _save_checkpoint(path: Path, *, config: TrainConfig, network_config: VAEConf
 
 def _comparable(config_dict: dict) -> dict:
     # settings that may legitimately differ when resuming (more epochs, other device)
-    return {k: v for k, v in config_dict.items() if k not in ("epochs", "device", "amp")}
+    return {k: v for k, v in config_dict.items() if k not in ("epochs", "device", "amp", "profile")}
 
 
 # ----------------------------------------------------------------------------- training
@@ -248,7 +272,8 @@ def _train(healthy, config: TrainConfig, ddp: _Dist, *, output, init, checkpoint
     else:
         try:
             network_config = VAEConfig(image_size=config.image_size, base_width=config.base_width,
-                                       latent_dim=config.latent_dim, attention_stage=config.attention_stage)
+                                       latent_dim=config.latent_dim, attention_stage=config.attention_stage,
+                                       architecture=ARCHITECTURE_OF[config.method])
             preprocessing = PreprocessConfig(image_size=config.image_size, **config.preprocessing_overrides)
         except (TypeError, ValueError) as exc:
             raise AnomalySegError(f"invalid training settings: {exc}") from exc
@@ -272,7 +297,10 @@ def _train(healthy, config: TrainConfig, ddp: _Dist, *, output, init, checkpoint
     steps_per_epoch = max(1, n_images // global_batch)
 
     # --- network and optimiser
-    network = ConvVAE(network_config)
+    if network_config.architecture != ARCHITECTURE_OF[config.method]:
+        raise AnomalySegError(f"cannot fine-tune a {network_config.architecture} model with method {config.method!r}; "
+                              f"use --method {init_model.method.method if init_model else '?'}")
+    network = build_network(network_config)
     if init_model is not None:
         network.load_state_dict(init_model.network.state_dict())
     network.to(device)
@@ -361,6 +389,9 @@ def _train(healthy, config: TrainConfig, ddp: _Dist, *, output, init, checkpoint
         "train_volumes": len(train_idx),
         "train_slices": int(n_images),
         "calibration_volumes": len(cal_idx),
+        # file names (no folders) of the held-out healthy volumes, so a baseline or a study
+        # can be calibrated on exactly the same ones
+        "calibration_names": [Path(names[i]).name for i in cal_idx],
         "seconds": round(time.time() - started, 1),
         "device": str(device),
         "world_size": ddp.world,
@@ -371,6 +402,9 @@ def _train(healthy, config: TrainConfig, ddp: _Dist, *, output, init, checkpoint
     model = AnomalyModel(network=network, network_config=network_config, preprocessing=preprocessing,
                          method=params, training=training_summary)
     if ddp.main:
+        if params.position_normalise:
+            model.position_stats, model.intensity_stats = fit_position_stats(
+                model, [prepared[i] for i in train_idx], device=device, cancel=cancel)
         cal_set = [prepared[i] for i in cal_idx] or [prepared[i] for i in train_idx]
         source_names = [names[i] for i in (cal_idx or train_idx)]
         source = ("held-out healthy volumes: " if cal_idx else "TRAINING volumes (no held-out volume available): ") \

@@ -157,27 +157,33 @@ def _replace_atomically(write: Callable[[Path], None], target: Path) -> None:
 
 
 def _task_info(request: dict, proto: _Protocol, cancel: _CancelFlag) -> dict:
-    """``{"task": "info", "model": PATH}`` -> the model's summary (validates the file)."""
+    """``{"task": "info", "model": PATH}`` -> the model's summary and default percentile (validates the file)."""
     from .model_file import load_model
 
     path = _existing_file(_require(request, "model"), "model file", errors.ModelFileError)
     model = load_model(path)
-    return {"model": str(path), "summary": model.summary()}
+    # the operating point chosen on healthy volumes when calibrated, else the method's default
+    return {"model": str(path), "summary": model.summary(), "default_percentile": float(model.default_percentile)}
 
 
 def _task_segment(request: dict, proto: _Protocol, cancel: _CancelFlag) -> dict:
-    """Score one volume and write its anomaly map.
+    """Score one volume and write its anomaly map; the caller thresholds it.
 
     Request: ``input`` (volume path), ``model`` (model path), ``heatmap`` (output
-    ``.nii.gz``: float32 on the input's voxel grid), optional ``mask`` (output uint8
-    ``.nii.gz``), ``percentile`` (default: the model's), ``device`` (auto|cpu|cuda),
-    ``batch_size``. Result: threshold, percentile, the calibration table (so the
-    caller can re-threshold without torch), model version and the lesion report.
+    ``.nii.gz``: float32 on the input's voxel grid, 0 outside the brain), optional
+    ``brain_mask`` (output uint8 ``.nii.gz``), ``percentile`` (default: the model's
+    operating point), ``device`` (auto|cpu|cuda), ``batch_size``.
+
+    The worker does not threshold: the result carries the model's calibration table,
+    the percentile to start from and the method's fallback percentile, and the caller
+    (Slicer module, batch script) runs :func:`AnomalySegLib.postprocess.segment_heatmap`
+    once -- the same function ``anomalyseg segment`` uses -- so the mask and lesion list
+    come from one place and the slider re-thresholds without torch.
     """
     input_path = _existing_file(_require(request, "input"), "input volume")
     model_path = _existing_file(_require(request, "model"), "model file", errors.ModelFileError)
     heatmap_path = Path(_require(request, "heatmap"))
-    mask_path = Path(request["mask"]) if request.get("mask") else None
+    brain_path = Path(request["brain_mask"]) if request.get("brain_mask") else None
     percentile = request.get("percentile")
     device = request.get("device") or "auto"
     batch_size = int(request.get("batch_size") or 16)
@@ -188,48 +194,84 @@ def _task_segment(request: dict, proto: _Protocol, cancel: _CancelFlag) -> dict:
 
     import numpy as np
 
-    from .inference import resolve_device, segment_volume
+    from .inference import resolve_device, score_volume
     from .model_file import load_model
+    from .postprocess import percentile_or_default
 
     dev = resolve_device(device)
     proto.log(f"loading model {model_path.name} on {dev}")
     model = load_model(model_path, device=dev)
-    result = segment_volume(model, volume, percentile=percentile, device=dev, batch_size=batch_size,
-                            progress=proto.progress, cancel=cancel)
+    if model.calibration is None:  # worded for every front end (no command-line syntax)
+        raise errors.ModelFileError(f"model {model_path.name} is not calibrated: calibrate it on healthy volumes first")
+    try:
+        pct = percentile_or_default(percentile, model.default_percentile)
+    except ValueError as exc:
+        raise errors.InputError(str(exc)) from exc
+    scores = score_volume(model, volume, device=dev, batch_size=batch_size, progress=proto.progress, cancel=cancel)
     from .progress import ProgressEvent, check_cancel
 
     check_cancel(cancel)
     proto.progress(ProgressEvent("write", 1.0, message="writing anomaly map"))
-    _replace_atomically(lambda tmp: write_nifti(tmp, result.heatmap.astype(np.float32), volume,
+    _replace_atomically(lambda tmp: write_nifti(tmp, scores.heatmap.astype(np.float32), volume,
                                                 dtype=np.float32, description="AnomalySeg anomaly map"),
                         heatmap_path)
-    if mask_path is not None:
-        _replace_atomically(lambda tmp: write_nifti(tmp, result.mask.astype(np.uint8), volume,
-                                                    dtype=np.uint8, description="AnomalySeg anomaly mask"),
-                            mask_path)
+    if brain_path is not None:
+        _replace_atomically(lambda tmp: write_nifti(tmp, scores.brain_mask.astype(np.uint8), volume,
+                                                    dtype=np.uint8, description="AnomalySeg brain mask"),
+                            brain_path)
     return {
         "input": str(input_path),
         "model": str(model_path),
         "heatmap": str(heatmap_path),
-        "mask": str(mask_path) if mask_path is not None else None,
+        "brain_mask": str(brain_path) if brain_path is not None else None,
         "shape": list(volume.shape),
-        "threshold": float(result.threshold),
-        "percentile": float(result.percentile),
-        "default_percentile": float(model.method.default_percentile),
+        "percentile": float(pct),
+        "default_percentile": float(model.default_percentile),
+        "fallback_percentile": float(model.method.default_percentile),
         "method": model.method.method,
         "model_version": model.version,
         "calibration": model.calibration.to_dict(),
-        "report": result.report(),
     }
+
+
+#: TrainConfig fields a training profile sets (profiles.PROFILES), reported back after a train run.
+PROFILE_FIELDS = ("epochs", "image_size", "base_width", "batch_size", "learning_rate")
+
+
+def train_settings(config: Any, device_type: str, overrides: Optional[dict] = None) -> dict:
+    """The settings a train run uses, as reported to the caller (the Slicer panel shows them).
+
+    ``config`` is the resolved :class:`~AnomalySegLib.training.TrainConfig` (or its dict),
+    ``device_type`` the device it trains on (``cpu``/``cuda``), ``overrides`` the values
+    the caller gave explicitly (their names are listed, so a GUI can tell them apart).
+    """
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    settings = {key: data.get(key) for key in ("profile", "method") + PROFILE_FIELDS}
+    settings["device_type"] = str(device_type)
+    settings["overrides"] = sorted(k for k, v in (overrides or {}).items() if v is not None)
+    return settings
 
 
 def _task_train(request: dict, proto: _Protocol, cancel: _CancelFlag) -> dict:
     """Train, calibrate on held-out healthy volumes, save.
 
-    Request: ``healthy`` and/or ``healthy_dir``, ``output`` (model path), ``config``
-    (TrainConfig fields), optional ``init`` (base model to fine-tune), ``checkpoint``,
-    ``resume``, ``overwrite`` (default false). Progress events carry per-step losses.
+    Request: ``healthy`` and/or ``healthy_dir``, ``output`` (model path), ``profile``
+    (``auto`` (default) | ``fast`` | ``paper``, see :mod:`AnomalySegLib.profiles`),
+    ``overrides`` (profile values the user set explicitly: epochs, image_size,
+    base_width, batch_size, learning_rate, method; None values are ignored), ``config``
+    (other TrainConfig fields: device, seed, latent_dim, ...; values given here also
+    override the profile), optional ``init`` (base model to fine-tune), ``checkpoint``,
+    ``resume``, ``overwrite`` (default false).
+
+    ``auto`` resolves against the device this worker actually trains on (``paper`` on
+    CUDA, ``fast`` elsewhere), exactly like ``anomalyseg train``. Before training, one
+    ``prepare`` progress line carries ``settings`` (:func:`train_settings`); the result
+    carries them too (from the saved model, so a fine-tuned model reports its base
+    model's architecture). Progress events carry per-step losses.
     """
+    from .device import resolve_device
+    from .profiles import profile_settings
+    from .progress import ProgressEvent
     from .training import TrainConfig, train_model
 
     output = Path(_require(request, "output"))
@@ -238,15 +280,30 @@ def _task_train(request: dict, proto: _Protocol, cancel: _CancelFlag) -> dict:
     init = request.get("init") or None
     if init:
         _existing_file(init, "base model", errors.ModelFileError)
+    base = dict(request.get("config") or {})
+    overrides = dict(request.get("overrides") or {})
+    profile = request.get("profile") or "auto"
+    if not isinstance(profile, str):
+        raise BadRequest("'profile' must be a profile name")
+    device_type = resolve_device(str(base.get("device") or "auto")).type
     try:
-        config = TrainConfig.from_dict(dict(request.get("config") or {}))
+        settings = profile_settings(profile, device_type, {**base, **overrides})
+        config = TrainConfig.from_dict(settings)
+        config.validate()
     except (TypeError, ValueError) as exc:
         raise errors.AnomalySegError(str(exc)) from exc
     healthy = _healthy_inputs(request)
-    proto.log(f"training {config.method} on {len(healthy)} healthy volume(s)")
+    reported = train_settings(config, device_type, overrides)
+    message = (f"training {config.method} on {len(healthy)} healthy volume(s) on {device_type} "
+               f"(profile {config.profile}: {config.image_size} px, width {config.base_width}, "
+               f"{config.epochs} epochs, batch {config.batch_size}, lr {config.learning_rate:g})")
+    proto.log(message)
+    proto.send({"type": "progress", **ProgressEvent("prepare", 0.0, message=message).to_dict(), "settings": reported})
     model = train_model(healthy, config, output=output, init=init, checkpoint=request.get("checkpoint") or None,
                         resume=bool(request.get("resume", False)), progress=proto.progress, cancel=cancel)
-    return {"model": str(output), "version": model.version, "summary": model.summary()}
+    recorded = (model.training or {}).get("config") or config.to_dict()
+    return {"model": str(output), "version": model.version, "summary": model.summary(),
+            "settings": train_settings(recorded, device_type, overrides)}
 
 
 def _task_calibrate(request: dict, proto: _Protocol, cancel: _CancelFlag) -> dict:

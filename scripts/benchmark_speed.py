@@ -102,7 +102,7 @@ def measure(kind: str, method: Optional[str], cfg: dict) -> dict:
     """One measurement in this process; returns a JSON-able dict."""
     import torch
 
-    from AnomalySegLib.inference import autocast_for, resolve_device
+    from AnomalySegLib.device import autocast_for, resolve_device
 
     torch.manual_seed(0)
     device = resolve_device(cfg["device"])

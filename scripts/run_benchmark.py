@@ -37,11 +37,23 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from AnomalySegLib.errors import AnomalySegError, InputError, OutputError
+from AnomalySegLib.methods import DAE_SMOOTHING_MM
 
-NETWORK_METHODS = ("amcons", "gradcamcons", "vae")
-BASELINES = {"intensity": "bright", "intensity-abs": "abs", "intensity-dark": "dark"}
+NETWORK_METHODS = ("amcons", "gradcamcons", "vae", "dae")
+BASELINES = {"intensity": "bright", "intensity-abs": "abs", "intensity-dark": "dark", "intensity-zscore": "zscore"}
 ALL_METHODS = NETWORK_METHODS + tuple(BASELINES)
-DEFAULT_METHODS = ("amcons", "gradcamcons", "vae", "intensity", "intensity-abs")
+DEFAULT_METHODS = ("dae", "amcons", "gradcamcons", "vae", "intensity", "intensity-abs")
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE parsed as JSON when it is JSON (numbers, true/false), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def log(message: str) -> None:
@@ -64,7 +76,8 @@ def load_benchmark_data(data_dir: Path) -> dict:
         "lesion_free": [root / p for p in index["lesion_free"]],
         "test_sets": {k: ([root / p for p in v["images"]], [root / p for p in v["labels"]])
                       for k, v in index["kinds"].items()},
-        "settings": {k: index.get(k) for k in ("seed", "resolution_mm", "n_slices", "contrast", "template")},
+        "settings": {k: index.get(k) for k in ("seed", "resolution_mm", "n_slices", "contrast", "template",
+                                                "placement")},
     }
 
 
@@ -101,7 +114,9 @@ def build_method(method: str, train: Sequence[Path], calibration: Sequence[Path]
     if method in BASELINES:
         from AnomalySegLib.baselines import IntensityBaseline
 
-        scorer = IntensityBaseline(BASELINES[method], PreprocessConfig(image_size=args.image_size))
+        # same smoothing, minimum lesion size and operating-point rule as the default method
+        scorer = IntensityBaseline(BASELINES[method], PreprocessConfig(image_size=args.image_size),
+                                   smoothing_mm=args.baseline_smoothing)
         scorer.fit(calibration, reference=train)
         return scorer, {"seconds_fit": round(time.perf_counter() - started, 2),
                         "calibration_volumes": len(calibration), "healthy_median": scorer.healthy_median}
@@ -113,7 +128,8 @@ def build_method(method: str, train: Sequence[Path], calibration: Sequence[Path]
     config = TrainConfig(method=method, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                          image_size=args.image_size, base_width=args.width, latent_dim=args.latent_dim,
                          attention_stage=args.attention_stage, seed=seed, device=args.device, amp=not args.no_amp,
-                         calibration_fraction=0.0)  # the held-out split is made here, shared with the baselines
+                         calibration_fraction=0.0,  # the held-out split is made here, shared with the baselines
+                         method_overrides=dict(args.method_param or {}))
     timer = _TrainTimer(args.batch_size, None if args.quiet else TextProgressBar(sys.stderr))
     model = train_model(list(train), config, progress=timer)
     seconds_train = time.perf_counter() - started
@@ -129,7 +145,9 @@ def build_method(method: str, train: Sequence[Path], calibration: Sequence[Path]
         "final_losses": (model.training.get("history") or [{}])[-1],
         "device": model.training.get("device"),
         "amp": model.training.get("amp"),
-        "threshold": model.calibration.threshold(model.method.default_percentile),
+        "threshold": model.calibration.threshold(model.default_percentile),
+        "operating_percentile": model.default_percentile,
+        "healthy_false_components_per_volume": model.calibration.false_components_per_volume,
     }
     if model_dir is not None:
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -393,6 +411,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-stage", type=int, default=1, choices=range(0, 5),
                    help="encoder stage of the attention map (1 = first residual block, as the paper)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--baseline-smoothing", type=float, default=DAE_SMOOTHING_MM,
+                   help="Gaussian sigma (mm) of the baselines' maps (default: the dae's, so post-processing is equal)")
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one training run per seed (paper: 3)")
@@ -402,6 +422,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-amp", action="store_true")
     p.add_argument("--overlays", type=int, default=2, help="overlay PNGs per method and set")
     p.add_argument("--no-models", action="store_true", help="do not keep the trained model files")
+    p.add_argument("--method-param", type=_key_value, action="append", metavar="KEY=VALUE",
+                   help="override a method parameter of every network, e.g. smoothing_mm=0 or "
+                        "position_normalise=true (repeatable; see AnomalySegLib.methods.MethodParams)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no training progress bars")
 
@@ -456,7 +479,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         test_sets = {k: data["test_sets"][k] for k in kinds}
         result = run_methods(args.methods, data["healthy"], test_sets, data["lesion_free"], args, args.output_dir)
         s = data["settings"]
-        desc = (f"synthetic MNI152 cohort ({s['contrast']}, {s['resolution_mm']} mm, "
+        anatomy = str(s.get("template") or "mni152").replace("+", " + ")
+        desc = (f"synthetic cohort (anatomy {anatomy}, lesion placement {s.get('placement') or 'deep'}, "
+                f"{s['contrast']}, {s['resolution_mm']} mm, "
                 f"{'whole brain' if not s['n_slices'] else str(s['n_slices']) + ' central slices'}, seed {s['seed']}): "
                 f"{len(data['healthy'])} healthy, {len(data['lesion_free'])} lesion-free test, "
                 + ", ".join(f"{len(v[0])} {k}" for k, v in test_sets.items()))

@@ -6,13 +6,15 @@ Usage (no window opens; the exit status tells whether every case succeeded)::
         --input DIR_OR_FILES... --output DIR [--model NAME_OR_PATH] [--percentile P] \\
         [--device auto|cpu|cuda] [--overwrite] [--install-dependencies]
 
-For every volume found in ``--input`` (NIfTI, NRRD, MetaImage files and DICOM folders,
-scanned like the ``anomalyseg`` command line does) the Slicer logic loads the volume,
-runs the model in its worker process and writes, in ``--output``:
+For every volume found in ``--input`` (NIfTI, NRRD, MetaImage files and DICOM series
+folders, scanned like the ``anomalyseg`` command line does) the module's logic runs the
+model in its worker process, thresholds the map with the core's one post-processing
+function and writes, in ``--output``, with the core's output writer (so the files and
+the report fields are exactly those of ``anomalyseg segment``):
 
-* ``NAME.seg.nrrd``        the "NAME anomalies" segmentation (Slicer's own writer),
 * ``NAME_heatmap.nii.gz``  the anomaly map on the input's voxel grid,
 * ``NAME_mask.nii.gz``     the binary anomaly mask,
+* ``NAME.seg.nrrd``        the segmentation (segment "Anomaly"),
 * ``NAME_report.json``     threshold, percentile, model version and the lesion table.
 
 ``--model`` is a model name from the AnomalySeg model list or a model file; by default
@@ -23,13 +25,13 @@ installed only with ``--install-dependencies`` (the batch script never asks).
 ``--self-test --output DIR`` checks the Slicer side without any model: an oblique
 synthetic volume, its anomaly map and segmentation, a .seg.nrrd written and read back.
 
-Exit status: 0 all cases done, 1 some case failed, 2 usage error.
+Exit status: 0 all cases done, 1 some case failed or any other error (one line on
+standard error, never a traceback-and-hang), 2 usage error. Slicer is always left: an
+uncaught exception in a ``--python-script`` would keep ``Slicer --no-main-window`` running.
 """
 
 import argparse
-import json
 import math
-import os
 import pathlib
 import sys
 import time
@@ -38,14 +40,26 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _importModule():
-    """The AnomalySeg scripted module (installed extension, else this source checkout)."""
+    """The AnomalySeg scripted module (installed extension, else this source checkout).
+
+    A checkout's ``AnomalySeg`` folder on sys.path imports as an empty namespace package:
+    only a module that has the logic counts.
+    """
     try:
         import AnomalySeg
+
+        if hasattr(AnomalySeg, "AnomalySegLogic"):
+            return AnomalySeg
     except ImportError:
-        sys.path.insert(0, str(REPO_ROOT / "AnomalySeg"))
-        sys.path.insert(0, str(REPO_ROOT))
-        import AnomalySeg
-    return AnomalySeg
+        pass
+    import importlib.util
+
+    sys.path.insert(0, str(REPO_ROOT))  # AnomalySegLib of the checkout
+    spec = importlib.util.spec_from_file_location("AnomalySeg", REPO_ROOT / "AnomalySeg" / "AnomalySeg.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["AnomalySeg"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def parseArguments(argv):
@@ -95,77 +109,15 @@ class ProgressPrinter:
             print(f"  {self.name}: {stage} {10 * bucket:3d}%", flush=True)
 
 
-def removeNodes(scene, nodes):
-    """Remove nodes with their display and storage nodes (keeps memory flat over many cases)."""
-    for node in nodes:
-        if node is None or node.GetScene() is None:
-            continue
-        extra = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] \
-            if hasattr(node, "GetNumberOfDisplayNodes") else []
-        if hasattr(node, "GetStorageNode") and node.GetStorageNode() is not None:
-            extra.append(node.GetStorageNode())
-        for other in extra:
-            if other is not None and other.GetScene() is not None:
-                scene.RemoveNode(other)
-        scene.RemoveNode(node)
+def segmentCase(logic, path, stem, modelPath, args):
+    """Segment one case (file or DICOM folder) and write its four outputs; returns the SegmentationResult."""
+    from AnomalySegLib.outputs import write_case_outputs
 
-
-def saveMask(logic, segmentationNode, inputVolume, path):
-    """Write the segmentation as a binary labelmap (uint8) on the input grid."""
-    import slicer
-    import vtk
-
-    mask = logic.segmentationMask(segmentationNode, inputVolume)
-    labelmap = logic.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__AnomalySegMask__")
-    try:
-        ijkToRas = vtk.vtkMatrix4x4()
-        inputVolume.GetIJKToRASMatrix(ijkToRas)
-        labelmap.SetIJKToRASMatrix(ijkToRas)
-        slicer.util.updateVolumeFromArray(labelmap, mask)
-        logic.exportVolume(labelmap, path)
-    finally:
-        removeNodes(logic.scene, [labelmap])
-
-
-def segmentCase(logic, path, outputPaths, modelPath, args):
-    """Load, segment and write one case; returns its report."""
-    from AnomalySegLib.volume_io import volume_stem
-
-    name = volume_stem(path)
-    inputVolume = logic.loadVolume(str(path), name=name)
-    nodes = [inputVolume]
-    try:
-        result = logic.process(inputVolume, modelPath, percentile=args.percentile, device=args.device,
-                               waitForCompletion=True, progressCallback=ProgressPrinter(name))
-        nodes += [result.mapNode, result.segmentationNode]
-        report = {
-            "input": str(path),
-            "model": modelPath,
-            "model_version": result.modelVersion,
-            "percentile": result.percentile,
-            "threshold": result.threshold,
-            "lesion_count": len(result.lesions),
-            "total_volume_ml": float(sum(row["volume_ml"] for row in result.lesions)),
-            "lesions": result.lesions,
-            "outputs": {kind: p.name for kind, p in outputPaths.items()},
-            "created_with": "3D Slicer AnomalySeg module (slicer_batch_segment.py)",
-        }
-        token = f".tmp-{os.getpid()}-"
-        temps = {kind: p.with_name(token + p.name) for kind, p in outputPaths.items()}
-        try:
-            logic.saveSegmentation(result.segmentationNode, temps["segmentation"])
-            logic.saveVolume(result.mapNode, temps["heatmap"])
-            saveMask(logic, result.segmentationNode, inputVolume, temps["mask"])
-            temps["report"].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-            for kind, target in outputPaths.items():
-                os.replace(temps[kind], target)
-        finally:
-            for temp in temps.values():
-                if temp.exists():
-                    temp.unlink()
-        return report
-    finally:
-        removeNodes(logic.scene, nodes)
+    volume, result, worker = logic.segmentFile(path, modelPath, percentile=args.percentile, device=args.device,
+                                               progressCallback=ProgressPrinter(stem))
+    write_case_outputs(args.output, stem, volume, result, overwrite=args.overwrite,
+                       extra_report={"method": worker.get("method", ""), "model_file": str(modelPath)})
+    return result
 
 
 def selfTest(logic, outputDir):
@@ -220,43 +172,56 @@ def selfTest(logic, outputDir):
 
 
 def main(argv=None, logic=None):
-    """Run the batch; returns the exit status."""
+    """Run the batch; returns the exit status (errors are printed, never raised)."""
     args = parseArguments(sys.argv[1:] if argv is None else argv)
-    module = _importModule()
-    from AnomalySegLib.errors import AnomalySegError
-
-    if logic is None:
-        logic = module.AnomalySegLogic()
-    if args.self_test:
-        return selfTest(logic, args.output)
     try:
-        logic.ensureDependencies(askUser=False, allowInstall=args.install_dependencies)
-        from AnomalySegLib.outputs import case_output_paths, check_outputs_writable
+        module = _importModule()
+        if logic is None:
+            logic = module.AnomalySegLogic()
+        # the post-processing needs nibabel & co. in this process; torch only in the worker
+        logic.ensureDependencies(askUser=False, allowInstall=args.install_dependencies,
+                                 includeTorch=not args.self_test)
+        if args.self_test:
+            return selfTest(logic, args.output)
+        from AnomalySegLib.outputs import check_outputs_writable
         from AnomalySegLib.volume_io import find_volumes, volume_stem
 
         cases = find_volumes(args.input)
         stems = [volume_stem(p) for p in cases]
         check_outputs_writable(args.output, stems, overwrite=args.overwrite)
-        pathlib.Path(args.output).mkdir(parents=True, exist_ok=True)
         modelPath = chooseModel(logic, args.model)
-    except (AnomalySegError, RuntimeError, OSError) as e:
-        print(f"slicer_batch_segment: error: {e}", file=sys.stderr, flush=True)
+    except Exception as e:  # noqa: BLE001 - any setup failure is one line and exit status 1
+        _error(e)
         return 1
     print(f"AnomalySeg batch: {len(cases)} case(s), model {modelPath}", flush=True)
     failed = 0
     for path, stem in zip(cases, stems):
         start = time.monotonic()
         try:
-            report = segmentCase(logic, path, case_output_paths(args.output, stem), modelPath, args)
-        except Exception as e:  # one bad case must not stop the batch
+            result = segmentCase(logic, path, stem, modelPath, args)
+        except Exception as e:  # noqa: BLE001 - one bad case must not stop the batch
             failed += 1
-            print(f"{stem}: FAILED: {e}", file=sys.stderr, flush=True)
+            print(f"{stem}: FAILED: {_oneLine(e)}", file=sys.stderr, flush=True)
             continue
-        print(f"{stem}: {report['lesion_count']} lesion(s), {report['total_volume_ml']:.2f} mL, "
-              f"threshold {report['threshold']:.4g} (p{report['percentile']:g}), "
+        print(f"{stem}: {len(result.lesions)} lesion(s), {result.total_volume_ml:.2f} mL, "
+              f"threshold {result.threshold:.4g} (p{result.percentile:g}), "
               f"{time.monotonic() - start:.1f} s", flush=True)
     print(f"AnomalySeg batch: {len(cases) - failed} done, {failed} failed", flush=True)
     return 0 if failed == 0 else 1
+
+
+def _oneLine(error):
+    """The first line of an error; prefixed with its type unless the message is written for users."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    userFacing = type(error).__name__ in ("DependencyError", "AnomalySegError", "InputError", "ModelFileError",
+                                          "OutputError", "Cancelled")
+    if userFacing and text:
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _error(error):
+    print(f"slicer_batch_segment: error: {_oneLine(error)}", file=sys.stderr, flush=True)
 
 
 def _exit(status):
@@ -272,9 +237,16 @@ def _exit(status):
     sys.exit(status)
 
 
-if __name__ == "__main__":
+def run(argv=None):
+    """``main`` that never raises: usage errors give 2, anything else 1 (one line on stderr)."""
     try:
-        _status = main()
-    except SystemExit as _e:  # argparse usage errors
-        _status = _e.code if isinstance(_e.code, int) else 2
-    _exit(_status)
+        return main(argv)
+    except SystemExit as e:  # argparse usage errors and --help
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except BaseException as e:  # noqa: BLE001 - Slicer must exit whatever happened (KeyboardInterrupt too)
+        _error(e)
+        return 1
+
+
+if __name__ == "__main__":
+    _exit(run())

@@ -82,7 +82,14 @@ def test_predict_mask_rule_and_round_trip(cohort):
     scores = base.score_volume(lesion)
     mask, thr = base.predict_mask(scores, 97.0)
     assert thr == pytest.approx(base.calibration.threshold(97.0))
-    np.testing.assert_array_equal(mask, (scores.heatmap > thr) & scores.brain_mask)
+    # the one rule: brain voxels above the threshold, minus blobs under the minimum lesion volume
+    from AnomalySegLib.geometry import voxel_volume_ml
+    from AnomalySegLib.postprocess import min_component_voxels, remove_small_components
+
+    raw = (scores.heatmap > thr) & scores.brain_mask
+    min_voxels = min_component_voxels(base.calibration.min_component_ml, voxel_volume_ml(lesion.affine))
+    assert base.calibration.min_component_ml > 0 and min_voxels > 1
+    np.testing.assert_array_equal(mask, remove_small_components(raw, min_voxels))
     copy = IntensityBaseline.from_dict(base.to_dict())
     assert copy.version == base.version and copy.threshold(97.0) == pytest.approx(thr)
     assert copy.name == "intensity-abs" and base.version.split("/")[1] == "intensity-abs"
@@ -119,3 +126,27 @@ def test_baseline_through_the_harness(cohort, tmp_path):
     assert r_bright["pooled"]["auroc"] > 0.9
     assert r_bright["detection"]["n_detected"] == r_bright["detection"]["n_lesions"] == 1
     assert r_dark_b["pooled"]["auroc"] < 0.5 < r_dark_a["pooled"]["auroc"]
+
+
+def test_zscore_baseline_is_the_position_normalised_intensity(cohort):
+    from AnomalySegLib.position_stats import PositionStats
+
+    healthy, (lesion, label), (dark, dark_label) = cohort
+    base = IntensityBaseline("zscore", CFG).fit(healthy[:1], reference=healthy[1:])
+    prepared = [prepare_volume(v, CFG) for v in healthy[1:]]
+    stats = PositionStats.fit([p.images for p in prepared], [p.masks for p in prepared],
+                              [p.slice_indices for p in prepared])
+    np.testing.assert_allclose(base.position_stats.mean, stats.mean)
+    case = prepare_volume(lesion, CFG)
+    expected = np.abs(stats.normalise(case.images, case.masks, case.slice_indices))
+    np.testing.assert_allclose(base.score_prepared(case), expected, rtol=1e-6)
+    # both directions: the bright and the dark lesion score above the healthy brain
+    for volume, truth in ((lesion, label), (dark, dark_label)):
+        scores = base.score_volume(volume)
+        inside = truth.astype(bool) & scores.brain_mask
+        outside = scores.brain_mask & ~truth.astype(bool)
+        assert np.median(scores.heatmap[inside]) > np.percentile(scores.heatmap[outside], 90)
+    back = IntensityBaseline.from_dict(base.to_dict())
+    np.testing.assert_array_equal(back.position_stats.std, base.position_stats.std)
+    with pytest.raises(InputError, match="not fitted"):
+        IntensityBaseline("zscore", CFG).score_prepared(case)

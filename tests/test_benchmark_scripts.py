@@ -22,12 +22,22 @@ def _script(name: str):
     return module
 
 
+def _bench_templates() -> list[str]:
+    """Both anatomies (the default) where Debian's mricron-data provides Colin27, else MNI152 alone."""
+    from AnomalySegLib import synthetic
+
+    return list(synthetic.TEMPLATES) if synthetic._COLIN27_FILE.is_file() else ["mni152"]
+
+
+BENCH_ARGS = ["--n-healthy", "4", "--n-per-kind", "2", "--n-lesion-free", "1", "--kinds", "bright", "small",
+              "--resolution", "4", "--slices", "6", "--templates", *_bench_templates()]
+
+
 @pytest.fixture(scope="module")
 def bench_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "data"
     make = _script("make_benchmark_data")
-    assert make.main(["-o", str(out), "--n-healthy", "4", "--n-per-kind", "2", "--n-lesion-free", "1",
-                      "--kinds", "bright", "small", "--resolution", "4", "--slices", "6"]) == 0
+    assert make.main(["-o", str(out)] + BENCH_ARGS) == 0
     return out
 
 
@@ -43,19 +53,46 @@ def test_make_benchmark_data_layout_and_determinism(bench_data, tmp_path):
             assert label.any() and set(np.unique(label)) <= {0, 1}
     assert not np.asarray(nib.load(str(bench_data / "lesion_free" / "normal_000_label.nii.gz")).dataobj).any()
     assert not list(bench_data.glob("_*")) and not list(bench_data.parent.glob(".*partial"))
+    # Anatomies alternate case by case within every set; lesions are placed in GM and WM.
+    templates = _bench_templates()
+    assert index["templates"] == templates and index["placement"] == "mixed"
+    for name in ("healthy_000", "healthy_001", "healthy_002", "bright/lesion_000", "bright/lesion_001"):
+        i = int(name[-3:])
+        assert index["cases"][name]["template"] == templates[i % len(templates)]
+        assert index["cases"][name]["placement"] == "mixed"
+    assert index["cases"]["small/lesion_000"]["lesions"][0]["placement"] == "mixed"
+    # The recorded per-case seeds are those the seed plan predicts.
+    make = _script("make_benchmark_data")
+    plan = make.case_seeds(0, n_healthy=4, n_per_kind=2, n_lesion_free=1, kinds=["bright", "small"])
+    assert plan == {name: meta["seed"] for name, meta in index["cases"].items()}
     # test subjects are not training subjects
     h0 = np.asarray(nib.load(str(bench_data / index["healthy"][0])).dataobj)
     for entry in index["kinds"].values():
         assert not np.array_equal(np.asarray(nib.load(str(bench_data / entry["images"][0])).dataobj), h0)
     # the same arguments give the same data; existing data is not replaced without --overwrite
-    make = _script("make_benchmark_data")
     again = tmp_path / "again"
-    assert make.main(["-o", str(again), "--n-healthy", "4", "--n-per-kind", "2", "--n-lesion-free", "1",
-                      "--kinds", "bright", "small", "--resolution", "4", "--slices", "6"]) == 0
+    assert make.main(["-o", str(again)] + BENCH_ARGS) == 0
     for rel in index["kinds"]["small"]["images"] + index["healthy"][:1]:
         np.testing.assert_array_equal(np.asarray(nib.load(str(again / rel)).dataobj),
                                       np.asarray(nib.load(str(bench_data / rel)).dataobj))
     assert make.main(["-o", str(again), "--n-healthy", "4"]) == 1
+
+
+def test_make_benchmark_data_eval_seed_disjoint_from_dev_seed(tmp_path, capsys):
+    make = _script("make_benchmark_data")
+    assert (make.DEV_SEED, make.EVAL_SEED) == (0, 9000)
+    assert f"--seed {make.EVAL_SEED}" in make.__doc__
+    # Default sizes and every kind: no subject of the evaluation data is a development subject.
+    sizes = dict(n_healthy=40, n_per_kind=10, n_lesion_free=10)
+    dev = make.case_seeds(make.DEV_SEED, **sizes)
+    ev = make.case_seeds(make.EVAL_SEED, **sizes)
+    assert len(dev) == len(ev) == 100 and len(set(dev.values())) == len(set(ev.values())) == 100
+    assert not set(dev.values()) & set(ev.values())
+    assert not make.shared_with_dev_seed(make.EVAL_SEED, n_healthy=200, n_per_kind=100, n_lesion_free=100)
+    # A seed whose lesion sets reuse the development ones (1000 + 1000 k) is refused before any work.
+    assert make.shared_with_dev_seed(1000, **sizes)
+    assert make.main(["-o", str(tmp_path / "leak"), "--seed", "1000", "--n-healthy", "1", "--n-per-kind", "1"]) == 1
+    assert "--seed 9000" in capsys.readouterr().err and not (tmp_path / "leak").exists()
 
 
 def test_run_benchmark_smoke(bench_data, tmp_path):
@@ -69,14 +106,14 @@ def test_run_benchmark_smoke(bench_data, tmp_path):
     bench = _script("run_benchmark")
     assert bench.main(["--data", str(bench_data), "-o", str(out), "--kinds", "bright"] + TINY) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["methods"] == ["amcons", "gradcamcons", "vae", "intensity", "intensity-abs"]
+    assert res["methods"] == ["dae", "amcons", "gradcamcons", "vae", "intensity", "intensity-abs"]
     assert res["machine"]["cpu_cores_logical"] >= 1 and res["machine"]["device"] == "cpu"
     agg = res["aggregate"]
     for method in res["methods"]:
         k = agg[method]["kinds"]["bright"]
         assert 0.0 <= k["auprc"]["mean"] <= 1.0 and k["oracle_best_dice"]["mean"] >= k["dice_calibrated"]["mean"] - 1e-9
         assert agg[method]["lesion_free"]["n_volumes"] == 1
-    for method in ("amcons", "gradcamcons", "vae"):
+    for method in ("dae", "amcons", "gradcamcons", "vae"):
         model = load_model(out / "models" / f"{method}_seed0.pt")
         assert model.calibration is not None and model.calibration.n_volumes == 1  # the held-out volume
         assert agg[method]["build"]["train_images_per_second"]["mean"] > 0
@@ -88,12 +125,30 @@ def test_run_benchmark_smoke(bench_data, tmp_path):
     index = json.loads((bench_data / "benchmark.json").read_text())
     healthy = [bench_data / p for p in index["healthy"]]
     train_idx, cal_idx = split_volumes(len(healthy), 0.2, 0)
-    base = IntensityBaseline("bright", PreprocessConfig(image_size=32)).fit(
+    from AnomalySegLib.methods import DAE_SMOOTHING_MM
+
+    # the benchmark gives baselines the default method's post-processing (smoothing)
+    base = IntensityBaseline("bright", PreprocessConfig(image_size=32), smoothing_mm=DAE_SMOOTHING_MM).fit(
         [healthy[i] for i in cal_idx], reference=[healthy[i] for i in train_idx])
     direct = evaluate_model(base, [bench_data / p for p in index["kinds"]["bright"]["images"]],
                             [bench_data / p for p in index["kinds"]["bright"]["labels"]])
     assert agg["intensity"]["kinds"]["bright"]["auprc"]["mean"] == pytest.approx(direct["pooled"]["auprc"])
     assert bench.main(["--data", str(bench_data), "-o", str(out)] + TINY) == 1  # results exist
+    # post-processing variants of the trained dae, without retraining (scripts/study_postprocessing.py)
+    study = _script("study_postprocessing")
+    pp = tmp_path / "pp"
+    assert study.main(["--data", str(bench_data), "--model", str(out / "models" / "dae_seed0.pt"), "-o", str(pp),
+                       "--device", "cpu", "--variants", "raw:smoothing_mm=0",
+                       "fused:smoothing_mm=1,position_normalise=true,fuse_intensity=1"]) == 0
+    pres = json.loads((pp / "results.json").read_text())
+    assert set(pres["variants"]) == {"raw", "fused"}
+    for variant in pres["variants"].values():
+        assert 98.0 <= variant["operating_percentile"] < 100.0
+        for scorer in ("model", "intensity"):
+            assert 0.0 <= variant["kinds"][scorer]["bright"]["auprc"] <= 1.0
+    # the baselines differ with the smoothing (each variant's post-processing is given to it)
+    assert pres["variants"]["raw"]["kinds"]["intensity"]["bright"] != pres["variants"]["fused"]["kinds"]["intensity"]["bright"]
+    assert "## bright" in (pp / "results.md").read_text()
 
 
 def _fake_brats(root: Path, n_cases: int = 6) -> None:

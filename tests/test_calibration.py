@@ -56,7 +56,9 @@ def test_calibrate_prepared_uses_brain_voxels_of_the_thresholded_map(tiny_model,
     assert cal.n_pixels == voxels.size
     assert cal.n_volumes == 2 and cal.n_images == sum(len(p.images) for p in prepared)
     assert cal.threshold(98.0) == pytest.approx(np.percentile(voxels, 98.0), rel=1e-5)
-    # what segmentation flags on the calibration volumes is exactly 2 % of their brain voxels
+    # the table alone (no minimum lesion size): what segmentation flags on the calibration
+    # volumes is exactly 2 % of their brain voxels
+    cal.min_component_ml = 0.0
     tiny_model.calibration = cal
     flagged = sum(int(threshold_scores(s, tiny_model, percentile=98.0).mask.sum()) for s in scored)
     assert flagged / voxels.size == pytest.approx(0.02, abs=0.002)

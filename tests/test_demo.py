@@ -26,7 +26,8 @@ def test_demo_writes_everything_and_refuses_to_overwrite(tmp_path):
     heat = nib.load(str(out / "segmentations" / "lesion_000_heatmap.nii.gz"))
     assert heat.shape == image.shape and np.allclose(heat.affine, image.affine)
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["amcons"]["AUROC"] == summary["amcons"]["AUROC"] is not None
+    assert saved["model_row"]["AUROC"] == summary["model_row"]["AUROC"] is not None
+    assert saved["method"] == "dae"
     assert 0.0 <= saved["intensity_baseline"]["AUPRC"] <= 1.0
     assert any("intensity threshold" in line for line in lines) and any("ORACLE" in l or "oracle" in l for l in lines)
     # a non-empty output folder is not reused without overwrite

@@ -16,6 +16,8 @@ from AnomalySegLib.cli import main
 from AnomalySegLib.evaluation import auroc
 from AnomalySegLib.model_file import load_model
 from AnomalySegLib.synthetic import LesionSpec, load_template, synthesize_case
+from AnomalySegLib.postprocess import min_component_voxels, remove_small_components
+from AnomalySegLib.geometry import voxel_volume_ml
 
 
 OBVIOUS_SEEDS = (101, 102, 103)
@@ -58,7 +60,9 @@ def _load(out, stem):
 def test_lesions_score_higher_and_mask_respects_threshold(obvious, trained_model_path, tmp_path, capsys):
     stdout = _segment([path for _, path in obvious], trained_model_path, tmp_path, capsys)
     model = load_model(trained_model_path)
-    threshold = model.calibration.threshold(model.method.default_percentile)
+    percentile = model.default_percentile  # the operating point chosen on held-out healthy volumes
+    threshold = model.calibration.threshold(percentile)
+    min_voxels = min_component_voxels(model.calibration.min_component_ml, voxel_volume_ml(obvious[0][0].affine))
     full, core_vs_far, flagged_core, flagged_far = [], [], [], []
     for (case, path), seed in zip(obvious, OBVIOUS_SEEDS):
         stem = f"obvious{seed}"
@@ -74,9 +78,11 @@ def test_lesions_score_higher_and_mask_respects_threshold(obvious, trained_model
         core_vs_far.append(auroc(heat[selection], core[selection]))
         assert np.median(heat[core]) > np.percentile(heat[far], 90)
 
-        # the mask is exactly the calibrated threshold applied to the written map
-        assert report["threshold"] == pytest.approx(threshold) and report["percentile"] == 98.0
-        np.testing.assert_array_equal(mask.astype(bool), heat > threshold)
+        # the mask is exactly the operating point applied to the written map: threshold, then
+        # no blob under the minimum lesion volume
+        assert report["threshold"] == pytest.approx(threshold) and report["percentile"] == pytest.approx(percentile)
+        assert percentile >= model.method.default_percentile
+        np.testing.assert_array_equal(mask.astype(bool), remove_small_components(heat > threshold, min_voxels))
         assert set(np.unique(mask)) <= {0, 1} and not mask[heat == 0].any()
         assert report["lesion_count"] >= 1 and report["model_version"] == model.version
         voxel_ml = abs(np.linalg.det(case.affine[:3, :3])) / 1000
@@ -91,7 +97,8 @@ def test_lesions_score_higher_and_mask_respects_threshold(obvious, trained_model
 
     # a stricter percentile flags a subset
     case, path = obvious[0]
-    _segment([path], trained_model_path, tmp_path / "strict", capsys, "--percentile", "99.9")
+    stricter = percentile + (100.0 - percentile) / 2  # above the operating point
+    _segment([path], trained_model_path, tmp_path / "strict", capsys, "--percentile", f"{stricter:.4f}")
     strict = np.asarray(nib.load(str(tmp_path / "strict" / "obvious101_mask.nii.gz")).dataobj)
     loose = np.asarray(nib.load(str(tmp_path / "obvious101_mask.nii.gz")).dataobj)
     assert strict.sum() < loose.sum() and not (strict & ~loose.astype(bool)).any()

@@ -10,21 +10,25 @@ from scipy import ndimage
 from AnomalySegLib.attention import activation_map, upsample
 from AnomalySegLib.losses import bce_reconstruction, kl_divergence
 from AnomalySegLib.methods import (
+    ARCHITECTURE_OF,
     METHODS,
     MethodParams,
+    coarse_noise,
     anomaly_scores,
     default_warmup_epochs,
     erode_mask,
     training_loss,
 )
-from AnomalySegLib.models import ConvVAE, VAEConfig
+from AnomalySegLib.models import ConvVAE, VAEConfig, build_network
 
 S = 32
 
 
-def _model(seed: int = 0) -> ConvVAE:
+def _model(seed: int = 0, method: str = "amcons") -> torch.nn.Module:
+    """The small network ``method`` trains: a ConvVAE, or a U-Net for dae."""
     torch.manual_seed(seed)
-    return ConvVAE(VAEConfig(image_size=S, base_width=4, latent_dim=8, attention_stage=1))
+    return build_network(VAEConfig(image_size=S, base_width=4, latent_dim=8, attention_stage=1,
+                                   architecture=ARCHITECTURE_OF[method]))
 
 
 def _batch(b: int = 4):
@@ -39,7 +43,7 @@ def _batch(b: int = 4):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_training_loss_finite_and_backward(method):
-    model = _model().train()
+    model = _model(method=method).train()
     x, mask = _batch()
     params = MethodParams.defaults(method)
     loss, logs = training_loss(model, x, mask, params, epoch=0)
@@ -47,7 +51,8 @@ def test_training_loss_finite_and_backward(method):
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    expected_keys = {"loss", "rec", "kl"} | {"amcons": {"entropy"}, "gradcamcons": {"barrier", "mean_attention"}, "vae": set()}[method]
+    expected_keys = {"loss", "rec"} | {"amcons": {"kl", "entropy"}, "gradcamcons": {"kl", "barrier", "mean_attention"},
+                                       "vae": {"kl"}, "dae": set()}[method]
     assert set(logs) == expected_keys and all(isinstance(v, float) for v in logs.values())
     assert logs["loss"] == pytest.approx(loss.item())
 
@@ -106,7 +111,7 @@ def test_gradcamcons_barrier_trains_layers_after_the_stage():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_few_steps_reduce_the_loss(method):
-    model = _model(1).train()
+    model = _model(1, method).train()
     x, mask = _batch()
     params = MethodParams.defaults(method)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -177,9 +182,9 @@ def test_erosion_at_image_border():
 
 
 def test_training_loss_under_cpu_autocast():
-    model = _model().train()
     x, mask = _batch(2)
     for method in METHODS:
+        model = _model(method=method).train()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, logs = training_loss(model, x, mask, MethodParams.defaults(method), epoch=0)
         assert loss.dtype == torch.float32 and math.isfinite(logs["loss"])
@@ -212,3 +217,51 @@ def test_shape_errors():
         anomaly_scores(model, x, mask[:, :16], "amcons")
     with pytest.raises(ValueError, match="unknown method"):
         anomaly_scores(model, x, mask, "ae")
+
+
+def test_coarse_noise_is_smooth_gaussian_at_the_cell_scale():
+    x = torch.zeros(64, 1, 64, 64)
+    gen = torch.Generator().manual_seed(0)
+    noise = coarse_noise(x, 0.2, 8, gen)
+    assert noise.shape == x.shape
+    # bilinear interpolation of i.i.d. N(0, 0.04) nodes: std between 0.2 * (interpolation
+    # shrinkage ~0.67 mid-cell) and 0.2 at the nodes; mean ~ 0
+    assert 0.12 < float(noise.std()) < 0.2 and abs(float(noise.mean())) < 0.02
+    # neighbouring pixels are strongly correlated (cells span 8 pixels), distant ones are not
+    a, b, far = noise[..., :, :-1].flatten(), noise[..., :, 1:].flatten(), noise[..., :, 32:].flatten()
+    assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) > 0.9
+    assert abs(float(torch.corrcoef(torch.stack([noise[..., :, :32].flatten(), far]))[0, 1])) < 0.1
+
+
+def test_dae_loss_is_mse_to_the_clean_image_of_the_denoised_noisy_input():
+    model = _model(method="dae").eval()  # eval: BatchNorm deterministic, so the loss can be recomputed
+    x, mask = _batch()
+    params = MethodParams.defaults("dae")
+    torch.manual_seed(3)
+    loss, logs = training_loss(model, x, mask, params, epoch=0)
+    torch.manual_seed(3)
+    noise = coarse_noise(x, params.noise_std, params.noise_cells)
+    noisy = x + noise * mask[:, None]  # noise only inside the brain
+    expected = ((model(noisy) - x) ** 2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert logs == {"loss": pytest.approx(loss.item()), "rec": pytest.approx(loss.item())}
+
+
+def test_dae_scores_are_residual_inside_eroded_mask_and_need_a_unet():
+    model = _model(method="dae")
+    x, mask = _batch()
+    scores = anomaly_scores(model, x, mask, "dae")
+    keep = erode_mask(mask)
+    assert (scores[~keep] == 0).all()
+    with torch.no_grad():
+        residual = (x[:, 0] - model.eval()(x)[:, 0]).abs()
+    assert torch.allclose(scores[keep], residual[keep], atol=1e-6)
+    with pytest.raises(TypeError, match="UNet"):
+        anomaly_scores(_model(method="amcons"), x, mask, "dae")
+    with pytest.raises(TypeError, match="ConvVAE"):
+        anomaly_scores(model, x, mask, "amcons")
+    d = MethodParams.defaults("dae")
+    assert (d.noise_std, d.noise_cells, d.default_percentile) == (0.2, 16, 98.0) and d.smoothing_mm > 0
+    for bad in ({"noise_std": 0.0}, {"noise_cells": 0}, {"smoothing_mm": -1.0}):
+        with pytest.raises(ValueError):
+            MethodParams(**bad)

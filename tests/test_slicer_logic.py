@@ -292,11 +292,10 @@ def test_headless_rules(mrml, monkeypatch, tmp_path):
     requirements.write_text("# comment\nnibabel>=1.0\nsurely-not-installed-package-xyz>=1.0\n")
     monkeypatch.setattr(AnomalySeg, "REQUIREMENTS_FILE", requirements)
     assert logic.missingDependencies() == ["surely-not-installed-package-xyz>=1.0"]
-    monkeypatch.setattr(AnomalySeg.AnomalySegLogic, "_requirementSatisfied",
-                        staticmethod(lambda line: not line.startswith(("torch", "surely"))))
+    monkeypatch.setattr(AnomalySeg.AnomalySegLogic, "torchInstalled", staticmethod(lambda: False))
     assert logic.missingDependencies(includeTorch=False) == ["surely-not-installed-package-xyz>=1.0"]
     assert logic.missingDependencies() == ["torch>=2.1", "surely-not-installed-package-xyz>=1.0"]
-    with pytest.raises(AnomalySeg.DependencyError, match="surely-not-installed"):
+    with pytest.raises(AnomalySeg.DependencyError, match="surely-not-installed.*pip"):
         logic.ensureDependencies(askUser=True)  # no dialog, no installation without the application
     with pytest.raises(RuntimeError, match="Qt"):
         logic.process(logic.loadVolume(_write_tiny_nifti(tmp_path)), _write_dummy_file(tmp_path),
@@ -371,17 +370,24 @@ def test_process_end_to_end_matches_core(mrml, oblique_case, tmp_path, make_obli
     assert out.segmentationNode.GetAttribute("AnomalySeg.ModelVersion") == load_model(source).version
 
 
-def test_batch_script(mrml, oblique_case, tmp_path, make_oblique_volume):
-    """scripts/slicer_batch_segment.py: outputs per case, no overwrite without --overwrite, self-test."""
+def _load_batch_script():
     import importlib.util
-
-    import nibabel as nib
-    from test_worker import make_tiny_model
 
     spec = importlib.util.spec_from_file_location("slicer_batch_segment", REPO / "scripts" / "slicer_batch_segment.py")
     batch = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(batch)
+    return batch
 
+
+def test_batch_script_matches_the_cli(mrml, oblique_case, tmp_path, make_oblique_volume, capsys):
+    """scripts/slicer_batch_segment.py writes what `anomalyseg segment` writes: same files, same report fields."""
+    import nibabel as nib
+    import SimpleITK as sitk
+    from test_worker import make_tiny_model
+
+    from AnomalySegLib.cli import main as cli_main
+
+    batch = _load_batch_script()
     assert batch.main(["--self-test", "--output", str(tmp_path / "selftest")], logic=mrml.logic) == 0
     assert (tmp_path / "selftest" / "selftest.seg.nrrd").is_file()
 
@@ -391,30 +397,95 @@ def test_batch_script(mrml, oblique_case, tmp_path, make_oblique_volume):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     shutil.copy(oblique_case.path, inputs / "patient1.nii.gz")
-    out = tmp_path / "out"
-    args = ["--input", str(inputs), "--output", str(out), "--model", str(model), "--device", "cpu"]
+    # a DICOM series folder (Slicer's file reader cannot load a folder: the core reader does)
+    image = sitk.ReadImage(str(oblique_case.path))
+    image = sitk.Cast(sitk.RescaleIntensity(image, 0, 1000), sitk.sitkInt16)
+    _write_dicom_series(inputs / "patientB", image)
+    out, cli_out = tmp_path / "out", tmp_path / "cli"
+    args = ["--input", str(inputs), "--output", str(out), "--model", str(model), "--device", "cpu",
+            "--percentile", "97"]
     volumes_before = mrml.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
     assert batch.main(args, logic=mrml.logic) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["patient1.seg.nrrd", "patient1_heatmap.nii.gz",
-                                                     "patient1_mask.nii.gz", "patient1_report.json"]
-    report = json.loads((out / "patient1_report.json").read_text())
-    heat = nib.load(str(out / "patient1_heatmap.nii.gz"))
-    mask = nib.load(str(out / "patient1_mask.nii.gz"))
-    # outputs are on the grid Slicer loaded (same voxel centres as the input file, maybe another order)
-    np.testing.assert_allclose(heat.affine, mask.affine, atol=1e-5)
-    heat_data = to_grid(np.asarray(heat.dataobj), heat.affine, oblique_case.affine, oblique_case.data.shape)
-    mask_data = to_grid(np.asarray(mask.dataobj), mask.affine, oblique_case.affine, oblique_case.data.shape)
-    threshold = report["threshold"]
-    assert mask_data.sum() > 0
-    np.testing.assert_array_equal(mask_data != 0, (heat_data > threshold) & (heat_data != 0))
-    assert report["lesion_count"] == len(report["lesions"])
-    # nodes of finished cases are removed (memory stays flat over long batches)
+    assert cli_main(["segment", str(inputs), "--model", str(model), "--output-dir", str(cli_out), "--device", "cpu",
+                     "--percentile", "97", "--quiet"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(p.name for p in cli_out.iterdir()) == [
+        "patient1.seg.nrrd", "patient1_heatmap.nii.gz", "patient1_mask.nii.gz", "patient1_report.json",
+        "patientB.seg.nrrd", "patientB_heatmap.nii.gz", "patientB_mask.nii.gz", "patientB_report.json"]
+    for stem in ("patient1", "patientB"):
+        report = json.loads((out / f"{stem}_report.json").read_text())
+        expected = json.loads((cli_out / f"{stem}_report.json").read_text())
+        assert set(report) == set(expected)  # one report schema
+        for key in ("percentile", "threshold", "min_component_ml", "lesion_count", "total_volume_ml", "lesions",
+                    "model_version", "method", "voxel_volume_ml", "outputs"):
+            assert report[key] == expected[key], key
+        assert report["lesion_count"] == len(report["lesions"]) and report["percentile"] == 97.0
+        mask, cli_mask = nib.load(str(out / f"{stem}_mask.nii.gz")), nib.load(str(cli_out / f"{stem}_mask.nii.gz"))
+        np.testing.assert_allclose(mask.affine, cli_mask.affine, atol=1e-5)  # the input's own grid
+        np.testing.assert_array_equal(np.asarray(mask.dataobj), np.asarray(cli_mask.dataobj))
+    assert json.loads((out / "patient1_report.json").read_text())["lesion_count"] > 0
     assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes_before
-    # existing outputs: refused before any work, files untouched
+    # existing outputs: refused before any work, files untouched, one clear line
     before = (out / "patient1_report.json").read_text()
+    capsys.readouterr()
     assert batch.main(args, logic=mrml.logic) == 1
     assert (out / "patient1_report.json").read_text() == before
-    assert not math.isnan(report["total_volume_ml"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("slicer_batch_segment: error:") and "already exists" in err[0]
+
+
+def _write_dicom_series(folder, image):
+    """Write a 3D SimpleITK image as a DICOM series (one file per slice, geometry in each)."""
+    import SimpleITK as sitk
+
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    series = "1.2.826.0.1.3680043.2.1125.1.77"
+    for k in range(image.GetSize()[2]):
+        sl = image[:, :, k]
+        tags = {"0008|0060": "MR", "0008|0016": "1.2.840.10008.5.1.4.1.1.4", "0008|0018": f"{series}.{k + 1}",
+                "0020|000d": series + ".0", "0020|000e": series, "0020|0013": str(k + 1),
+                "0020|0032": "\\".join(f"{v:.10f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+                "0020|0037": "\\".join(f"{v:.10f}" for v in (*direction[:, 0], *direction[:, 1])),
+                "0018|0050": f"{image.GetSpacing()[2]:.6f}",
+                "0028|0030": f"{image.GetSpacing()[1]:.6f}\\{image.GetSpacing()[0]:.6f}"}
+        for key, value in tags.items():
+            sl.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(sl)
+
+
+def test_batch_script_exits_at_once_with_one_line_on_any_error(tmp_path):
+    """Run as Slicer would (a script, its own process): any error ends it fast with status 1 and one line."""
+    import subprocess
+    import time
+
+    script = str(REPO / "scripts" / "slicer_batch_segment.py")
+    cases = [
+        (["--input", str(tmp_path / "missing.nii.gz"), "--output", str(tmp_path / "o"), "--model", "x.pt"], 1,
+         "no such file"),
+        (["--output", str(tmp_path / "o")], 2, "--input is required"),
+    ]
+    for argv, status, text in cases:
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=120,
+                              env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+        assert done.returncode == status, done.stderr
+        assert text in done.stderr and "Traceback" not in done.stderr
+        assert time.monotonic() - start < 60
+
+
+def test_batch_script_turns_any_exception_into_status_1(monkeypatch, capsys):
+    batch = _load_batch_script()
+
+    def boom(argv):
+        raise KeyError("unexpected")
+
+    monkeypatch.setattr(batch, "main", boom)
+    assert batch.run(["--self-test", "--output", "x"]) == 1
+    assert capsys.readouterr().err.strip() == "slicer_batch_segment: error: KeyError: 'unexpected'"
 
 
 def test_train_registers_a_calibrated_model(mrml, tmp_path, make_oblique_volume):
@@ -426,11 +497,16 @@ def test_train_registers_a_calibrated_model(mrml, tmp_path, make_oblique_volume)
     folder.mkdir()
     for seed in (1, 2, 3):
         make_oblique_volume(folder, f"healthy{seed}", seed=seed, **HEAD)
-    config = {"method": "amcons", "epochs": 1, "batch_size": 8, "image_size": 32, "base_width": 4, "latent_dim": 8,
-              "device": "cpu", "amp": False, "calibration_fraction": 0.34}
+    # what the panel sends: a profile, the values the user changed, and the other settings
+    overrides = {"method": "amcons", "epochs": 1, "batch_size": 8, "image_size": 32, "base_width": 4}
+    config = {"latent_dim": 8, "device": "cpu", "amp": False, "calibration_fraction": 0.34}
     events = []
-    entry = mrml.logic.train(healthyFolder=folder, modelName="mini model", config=config,
-                             progressCallback=events.append)
+    entry = mrml.logic.train(healthyFolder=folder, modelName="mini model", config=config, profile="paper",
+                             overrides=overrides, progressCallback=events.append)
+    (announced,) = [e["settings"] for e in events if "settings" in e]
+    assert announced == {"profile": "paper", "method": "amcons", "epochs": 1, "image_size": 32, "base_width": 4,
+                         "batch_size": 8, "learning_rate": 1e-4, "device_type": "cpu",
+                         "overrides": ["base_width", "batch_size", "epochs", "image_size", "method"]}
     training = [e for e in events if e["stage"] == "train"]
     assert training and all(math.isfinite(e["losses"]["loss"]) for e in training)
     assert [e["step"] for e in training] == list(range(1, len(training) + 1)) and training[-1]["epoch"] == 1
@@ -439,9 +515,12 @@ def test_train_registers_a_calibrated_model(mrml, tmp_path, make_oblique_volume)
     model = load_model(entry.path)
     assert model.calibration is not None and model.calibration.n_volumes == 1  # one held-out healthy volume
     assert (model.training["train_volumes"], model.training["calibration_volumes"]) == (2, 1)
+    assert model.training["config"]["profile"] == "paper"  # explicit profile, kept even on a CPU
     assert [e.name for e in mrml.logic.listModels()] == ["mini_model"]
     with pytest.raises(OutputError):  # never replaces a model silently
-        mrml.logic.train(healthyFolder=folder, modelName="mini model", config=config)
+        mrml.logic.train(healthyFolder=folder, modelName="mini model", config=config, overrides=overrides)
+    with pytest.raises(ValueError, match="unknown training profile"):
+        mrml.logic.train(healthyFolder=folder, modelName="other", profile="huge")
 
 
 def test_module_test_case_runs_against_slicer_core(mrml, tmp_path, monkeypatch):

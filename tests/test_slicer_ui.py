@@ -8,7 +8,9 @@ wrapper with a widget type that the parameter node wrapper can connect to it, ev
 
 import ast
 import re
+import shutil
 import struct
+import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -167,9 +169,13 @@ def test_module_cmake_lists_every_script_and_resource():
     text = (MODULE / "CMakeLists.txt").read_text()
     scripts = _cmake_list(text, "MODULE_PYTHON_SCRIPTS")
     assert scripts == ["${MODULE_NAME}.py"]
-    library = _cmake_list(text, "ANOMALYSEGLIB_PYTHON_SCRIPTS")
-    on_disk = sorted(p.name for p in (REPO / "AnomalySegLib").glob("*.py"))
-    assert sorted(library) == on_disk, "AnomalySeg/CMakeLists.txt must list every AnomalySegLib/*.py"
+    # the core package is globbed (a new core file needs no CMake edit); the glob is flat,
+    # so the package must stay flat: a sub-package would be missing from the extension
+    assert re.search(r"file\(GLOB ANOMALYSEGLIB_PYTHON_SCRIPTS\s+RELATIVE \$\{ANOMALYSEGLIB_DIR\}\s+"
+                     r"CONFIGURE_DEPENDS\s+\$\{ANOMALYSEGLIB_DIR\}/\*\.py\s*\)", text), \
+        "AnomalySeg/CMakeLists.txt must glob AnomalySegLib/*.py (with CONFIGURE_DEPENDS)"
+    assert "set(ANOMALYSEGLIB_DIR ${CMAKE_CURRENT_SOURCE_DIR}/../AnomalySegLib)" in text
+    assert not [p for p in (REPO / "AnomalySegLib").iterdir() if p.is_dir() and (p / "__init__.py").exists()]
     resources = {r.replace("${MODULE_NAME}", "AnomalySeg") for r in _cmake_list(text, "MODULE_PYTHON_RESOURCES")}
     existing = {str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*")
                 if p.is_file() and p.suffix in (".png", ".ui", ".txt", ".pt", ".pth", ".json")}
@@ -198,3 +204,103 @@ def test_extension_cmake_license_and_icons():
     requirements = (MODULE / "Resources" / "requirements.txt").read_text().splitlines()
     names = [line.split(">")[0].split("=")[0].strip() for line in requirements if line.strip() and not line.startswith("#")]
     assert "nibabel" in names and "torch" not in names  # torch comes from the PyTorch extension
+
+
+def test_repository_urls_agree():
+    """The extension metadata and the module's help link name the same repository."""
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    source = SOURCE.read_text(encoding="utf-8")
+    repos = set(re.findall(r"github\.com/([\w.-]+/[\w.-]+)", cmake + source))
+    repos |= set(re.findall(r"githubusercontent\.com/([\w.-]+/[\w.-]+)", cmake))
+    assert repos == {"anomalyseg/SlicerAnomalySeg"}, repos
+
+
+#: Stand-ins for the Slicer macros the module's CMakeLists.txt calls: they record what would be built.
+_SLICER_STUBS = """
+cmake_minimum_required(VERSION 3.16.3)
+project(AnomalySegCMakeCheck NONE)
+function(slicerMacroBuildScriptedModule)
+  cmake_parse_arguments(MODULE "WITH_GENERIC_TESTS" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
+  file(WRITE ${CMAKE_BINARY_DIR}/scripts.txt "${MODULE_SCRIPTS}")
+  file(WRITE ${CMAKE_BINARY_DIR}/resources.txt "${MODULE_RESOURCES}")
+endfunction()
+set(BUILD_TESTING OFF)
+add_subdirectory(${MODULE_SOURCE} module)
+"""
+
+
+def _configure(tmp_path, source_root):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "CMakeLists.txt").write_text(_SLICER_STUBS)
+    build = tmp_path / "build"
+    subprocess.run(["cmake", "-S", str(project), "-B", str(build), f"-DMODULE_SOURCE={source_root / 'AnomalySeg'}"],
+                   check=True, capture_output=True, text=True, timeout=120)
+    scripts = (build / "scripts.txt").read_text().split(";")
+    return build, scripts
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+def test_cmake_installs_every_core_file_including_new_ones(tmp_path):
+    """Configure the real AnomalySeg/CMakeLists.txt: every AnomalySegLib/*.py is copied beside the
+    module and passed to slicerMacroBuildScriptedModule, a file added later included."""
+    copy = tmp_path / "src"
+    shutil.copytree(MODULE, copy / "AnomalySeg", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "AnomalySegLib", copy / "AnomalySegLib", ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "AnomalySegLib" / "zz_added_later.py").write_text("VALUE = 1\n")
+    build, scripts = _configure(tmp_path, copy)
+    on_disk = sorted(p.name for p in (copy / "AnomalySegLib").glob("*.py"))
+    assert "zz_added_later.py" in on_disk
+    assert scripts[0] == "AnomalySeg.py"
+    module_build = build / "module"
+    assert sorted(scripts[1:]) == [str(module_build / "AnomalySegLib" / name) for name in on_disk]
+    for name in on_disk:
+        assert (module_build / "AnomalySegLib" / name).read_bytes() == (copy / "AnomalySegLib" / name).read_bytes()
+    resources = (build / "resources.txt").read_text().split(";")
+    assert resources == ["Resources/Icons/AnomalySeg.png", "Resources/UI/AnomalySeg.ui", "Resources/requirements.txt"]
+
+
+def _enum_values(tree, name):
+    cls = _class(tree, name)
+    return [ast.literal_eval(s.value) for s in cls.body if isinstance(s, ast.Assign)]
+
+
+def test_training_choices_are_the_librarys():
+    """The panel offers every method and profile of the core, with the core's defaults."""
+    pytest.importorskip("torch")
+    from AnomalySegLib.methods import METHODS
+    from AnomalySegLib.profiles import DEFAULT_METHOD, PROFILE_CHOICES, PROFILES
+
+    tree = ast.parse(SOURCE.read_text(encoding="utf-8"))
+    assert sorted(_enum_values(tree, "Method")) == sorted(METHODS)
+    assert _enum_values(tree, "Profile") == list(PROFILE_CHOICES)
+    cls = _class(tree, "AnomalySegParameterNode")
+    defaults = {s.target.id: ast.unparse(s.value) for s in cls.body if isinstance(s, ast.AnnAssign) and s.value}
+    assert defaults["method"] == "Method(DEFAULT_METHOD)" and DEFAULT_METHOD in METHODS
+    assert defaults["profile"] == "Profile.AUTO"
+    # every profile value fits its spin box (Qt clamps silently: a 224 px profile in a 0..99 box would train at 99)
+    widgets = {w.get("name"): w for w in ET.parse(UI).getroot().iter("widget")}
+    boxes = {"epochs": "epochsSpinBox", "image_size": "imageSizeSpinBox", "base_width": "baseWidthSpinBox",
+             "learning_rate": "learningRateSpinBox", "batch_size": "batchSizeSpinBox"}
+    for key, name in boxes.items():
+        props = {p.get("name"): p[0].text for p in widgets[name].findall("property")}
+        for profile in PROFILES.values():
+            assert float(props["minimum"]) <= profile[key] <= float(props["maximum"]), (name, profile[key])
+        if key == "learning_rate":
+            assert 10.0 ** -int(props["decimals"]) <= min(p[key] for p in PROFILES.values())
+
+
+def test_extension_icon_and_screenshot_urls_name_files_of_this_repository():
+    """EXTENSION_ICONURL and EXTENSION_SCREENSHOTURLS point into the repository's main branch at real PNGs."""
+    text = (REPO / "CMakeLists.txt").read_text()
+    prefix = "https://raw.githubusercontent.com/anomalyseg/SlicerAnomalySeg/main/"
+    for variable in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        (value,) = re.findall(rf'set\({variable} "([^"]+)"\)', text)
+        for url in value.split():
+            assert url.startswith(prefix), url
+            path = REPO / url[len(prefix):]
+            assert path.is_file(), f"{variable} names {path.relative_to(REPO)}, which does not exist"
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    screenshot = REPO / "Resources" / "Screenshots" / "AnomalySeg.png"
+    assert screenshot.stat().st_size < 300_000
+    assert "Resources/Screenshots/AnomalySeg.png" in (REPO / "docs" / "SLICER.md").read_text(encoding="utf-8")

@@ -9,15 +9,28 @@ from scipy import ndimage
 
 from AnomalySegLib import synthetic
 from AnomalySegLib.errors import InputError
-from AnomalySegLib.synthetic import LESION_KINDS, LESION_RADIUS_MM, LesionSpec, load_template, synthesize_case
+from AnomalySegLib.synthetic import (LESION_KINDS, LESION_RADIUS_MM, LesionSpec, cohort_case_seeds, load_template,
+                                     synthesize_case)
 
-# Deep white matter (centrum semiovale) in MNI space; > 0.97 WM probability in a 7-voxel cube.
+# Deep white matter (centrum semiovale) in MNI space; > 0.97 WM probability in a 7-voxel cube
+# (Colin27 is registered to MNI space: > 0.65 there).
 WM_POINT = (-28.0, -10.0, 30.0)
+
+needs_colin27 = pytest.mark.skipif(
+    not synthetic._COLIN27_FILE.is_file(),
+    reason=f"colin27 template absent ({synthetic._COLIN27_FILE}): apt-get install mricron-data")
 
 
 @pytest.fixture(scope="module")
 def tpl():
     return load_template("mni152", 2.0)
+
+
+@pytest.fixture(scope="module")
+def colin():
+    if not synthetic._COLIN27_FILE.is_file():
+        pytest.skip(f"colin27 template absent ({synthetic._COLIN27_FILE}): apt-get install mricron-data")
+    return load_template("colin27", 2.0)
 
 
 def _world_to_voxel(affine, point):
@@ -203,6 +216,9 @@ def test_make_cohort_writes_readable_files(tpl, tmp_path):
         np.testing.assert_allclose(lab.affine, img.affine)
         assert data.sum() * 0.008 == pytest.approx(manifest["cases"][name]["lesion_volume_ml"])
         assert (data.sum() > 0) == name.startswith("lesion")
+    assert manifest["placement"] == "deep" and manifest["templates"] == ["mni152"]
+    assert {n: c["seed"] for n, c in manifest["cases"].items()} == cohort_case_seeds(
+        3, n_healthy=2, n_lesion=2, n_lesion_free_test=1)
     # Any case can be regenerated alone from the seed stored in its meta.
     again = synthesize_case(tpl, case["seed"], lesions=["tumour"], contrast="flair", n_slices=12)
     np.testing.assert_allclose(again.image, np.asarray(nib.load(str(tmp_path / "a" / case["image"])).dataobj))
@@ -217,10 +233,100 @@ def test_missing_nilearn_and_bad_arguments(tpl, monkeypatch):
         synthesize_case(tpl, 0, lesions=["glioma"])
     with pytest.raises(InputError):
         synthesize_case(tpl, 0, contrast="dwi")
+    with pytest.raises(InputError, match="placement"):
+        synthesize_case(tpl, 0, placement="cortex")
     with pytest.raises(InputError):
-        load_template("colin27")
+        load_template("icbm452")
     monkeypatch.setattr(synthetic.importlib.util, "find_spec", lambda name, *a: None)
     synthetic._load_native.cache_clear()
     with pytest.raises(InputError, match="pip install nilearn"):
         load_template("mni152", 7.0)  # not cached yet: must look for the files
     monkeypatch.undo()
+
+
+def test_missing_colin27_names_the_debian_package(monkeypatch, tmp_path):
+    monkeypatch.setattr(synthetic, "_COLIN27_FILE", tmp_path / "ch2bet.nii.gz")
+    synthetic._load_native.cache_clear()
+    with pytest.raises(InputError, match="apt-get install mricron-data"):
+        load_template("colin27", 7.5)  # not cached: must look for the file
+    synthetic._load_native.cache_clear()
+
+
+@needs_colin27
+def test_colin27_template_geometry_and_tissue_maps(colin):
+    # ch2bet.nii.gz: 181x217x181 at 1 mm, RAS, first voxel at (-90, -125, -71) mm.
+    assert colin.name == "colin27" and colin.t1.shape == (91, 109, 91)
+    assert nib.aff2axcodes(colin.affine) == ("R", "A", "S")
+    np.testing.assert_allclose(colin.affine[:3, :3], np.eye(3) * 2.0)
+    np.testing.assert_allclose(colin.affine[:3, 3], [-90.0, -125.0, -71.0])
+    assert load_template("colin27", 2.0) is colin and load_template("mni152", 2.0).name == "mni152"
+    assert 0.0 <= colin.t1.min() and colin.t1.max() <= 1.0 and not colin.t1[~colin.brain].any()
+    for p in (colin.gm, colin.wm, colin.csf):
+        assert p.dtype == np.float32 and p.min() >= 0.0 and not p[~colin.brain].any()
+    total = colin.gm + colin.wm + colin.csf
+    assert total.max() <= 1.0 + 1e-6 and total[colin.brain].min() > 0.99  # matches the brain mask
+    # Adult brain ~1.7 L, one connected piece; GM and WM each a sizeable share.
+    assert 1500 < colin.brain.sum() * 8 / 1000 < 1900
+    assert ndimage.label(colin.brain)[1] == 1
+    gm_ml, wm_ml = colin.gm.sum() * 8 / 1000, colin.wm.sum() * 8 / 1000
+    assert 600 < gm_ml < 1100 and 400 < wm_ml < 900
+    # The derived classes follow the T1's intensity order (WM > GM > CSF) ...
+    t1 = {k: float(colin.t1[getattr(colin, k) > 0.9].mean()) for k in ("wm", "gm", "csf")}
+    assert t1["wm"] > t1["gm"] + 0.1 > t1["csf"] + 0.2, t1
+    # ... and the anatomy: deep white matter and ventricles where MNI space has them.
+    inv = np.linalg.inv(colin.affine)
+    wm_vox = np.round(inv[:3, :3] @ np.array(WM_POINT) + inv[:3, 3]).astype(int)
+    assert colin.wm[tuple(wm_vox)] > 0.9
+    vent_vox = np.round(inv[:3, :3] @ np.array([-14.0, -21.0, 25.0]) + inv[:3, 3]).astype(int)  # left lateral ventricle
+    assert colin.csf[tuple(vent_vox)] > 0.9
+
+
+@needs_colin27
+def test_colin27_lesion_case_label_in_brain_and_intensity_direction(colin):
+    for seed, kind, contrast, sign in ((31, "bright", "flair", 1), (32, "dark", "t1", -1)):
+        case = synthesize_case(colin, seed, lesions=[LesionSpec(kind, center_mm=WM_POINT, radius_mm=8.0)],
+                               contrast=contrast)
+        lab = case.label.astype(bool)
+        assert case.meta["template"] == "colin27" and lab.sum() > 100
+        assert not np.any(lab & ~case.brain)
+        assert np.all(case.image[~case.brain] == 0.0)
+        shell = ndimage.binary_dilation(lab, iterations=2) & ~lab & case.brain
+        diff = (case.image[lab].mean() - case.image[shell].mean()) / case.meta["wm_intensity"]
+        assert sign * diff > 0.2, (kind, contrast, diff)
+    # FLAIR-like contrast of the healthy tissue: GM brighter than WM, CSF darkest.
+    healthy = synthesize_case(colin, 33, contrast="flair", deform=False, bias=False, noise=0.0)
+    mean = {k: float(healthy.image[getattr(colin, k) > 0.9].mean()) for k in ("gm", "wm", "csf")}
+    assert mean["gm"] > mean["wm"] > mean["csf"], mean
+    # A random ("mixed") lesion is also labelled inside the brain only.
+    case = synthesize_case(colin, 34, lesions=["bright"], placement="mixed", n_slices=20)
+    assert case.label.any() and not np.any(case.label.astype(bool) & ~case.brain)
+    assert case.meta["placement"] == "mixed" and case.meta["lesions"][0]["placement"] == "mixed"
+
+
+def test_mixed_placement_reaches_grey_matter_deep_stays_in_white_matter():
+    t4 = load_template("mni152", 4.0)
+    inv = np.linalg.inv(t4.affine)
+    tissue = {"deep": [], "mixed": []}
+    for placement in tissue:
+        for seed in range(12):
+            # Undeformed: the template's own maps are the subject's, so the centre can be checked.
+            case = synthesize_case(t4, seed, lesions=["bright"], placement=placement, deform=False)
+            (info,) = case.meta["lesions"]
+            assert info["placement"] == placement and case.meta["placement"] == placement
+            vox = tuple(np.round(inv[:3, :3] @ np.array(info["center_mm"]) + inv[:3, 3]).astype(int))
+            assert t4.gm[vox] + t4.wm[vox] > 0.5  # parenchyma either way
+            if placement == "deep":
+                assert t4.wm[vox] > 0.4
+            tissue[placement].append(info["center_tissue"])
+            # Most of the blob stays inside the brain, cortex or not.
+            assert info["volume_ml"] > 0.5 * 4.0 / 3.0 * np.pi * info["radius_mm"] ** 3 / 1000.0
+    assert "gm" in tissue["mixed"] and "wm" in tissue["mixed"], tissue
+    assert tissue["mixed"].count("gm") > tissue["deep"].count("gm"), tissue
+
+
+def test_case_seeds_of_different_cohort_seeds_are_disjoint():
+    sizes = dict(n_healthy=60, n_lesion=60, n_lesion_free_test=60)
+    dev = cohort_case_seeds(0, **sizes)
+    assert len(set(dev.values())) == len(dev) == 180  # no two cases share a seed
+    for other in (1, 1000, 9000):
+        assert not set(dev.values()) & set(cohort_case_seeds(other, **sizes).values())

@@ -185,10 +185,13 @@ def make_tiny_model(path: Path, healthy_path: Path, *, calibrated: bool = True, 
 
 
 def test_segment_task_matches_in_process_core(tmp_path, make_oblique_volume):
+    """The worker scores only; thresholding its map with the core gives `anomalyseg segment`'s result."""
     import nibabel as nib
 
+    from AnomalySegLib.calibration import Calibration
     from AnomalySegLib.inference import segment_volume
     from AnomalySegLib.model_file import load_model
+    from AnomalySegLib.postprocess import segment_heatmap
     from AnomalySegLib.volume_io import read_volume
 
     healthy = make_oblique_volume(tmp_path, "healthy", shape=(40, 34, 10), radii_mm=(13.0, 22.0, 14.0),
@@ -199,8 +202,8 @@ def test_segment_task_matches_in_process_core(tmp_path, make_oblique_volume):
     make_tiny_model(model_path, healthy.path)
     events = []
     request = {"task": "segment", "input": str(case.path), "model": str(model_path), "device": "cpu",
-               "heatmap": str(tmp_path / "out" / "heatmap.nii.gz"), "mask": str(tmp_path / "out" / "mask.nii.gz"),
-               "percentile": 97.5}
+               "heatmap": str(tmp_path / "out" / "heatmap.nii.gz"),
+               "brain_mask": str(tmp_path / "out" / "brain.nii.gz"), "percentile": 97.5}
     result = WorkerProcess(request, on_progress=events.append).start().wait(timeout=120)
 
     model = load_model(model_path)
@@ -208,14 +211,97 @@ def test_segment_task_matches_in_process_core(tmp_path, make_oblique_volume):
     heat = nib.load(result["heatmap"])
     np.testing.assert_allclose(heat.affine, case.affine, atol=1e-5)  # the input's own grid
     assert heat.shape == case.data.shape and heat.get_data_dtype() == np.float32
-    np.testing.assert_allclose(np.asarray(heat.dataobj), expected.heatmap, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(nib.load(result["mask"]).dataobj), expected.mask)
-    # what the Slicer logic needs to re-threshold without torch
-    assert result["percentile"] == 97.5
-    assert result["threshold"] == pytest.approx(model.calibration.threshold(97.5))
-    assert result["calibration"]["values"] == pytest.approx(list(model.calibration.values))
+    heatmap = np.asarray(heat.dataobj)
+    np.testing.assert_allclose(heatmap, expected.heatmap, rtol=1e-5, atol=1e-6)
+    brain = np.asarray(nib.load(result["brain_mask"]).dataobj) != 0
+    assert not heatmap[~brain].any()  # the map is 0 outside the brain
+    # what the caller needs to threshold without torch, through the one core function
+    assert result["percentile"] == 97.5 and "report" not in result and "threshold" not in result
+    assert result["default_percentile"] == model.default_percentile
+    assert result["fallback_percentile"] == model.method.default_percentile
+    calibration = Calibration.from_dict(result["calibration"])
+    assert list(calibration.values) == pytest.approx(list(model.calibration.values))
     assert result["model_version"] == model.version and result["shape"] == list(case.data.shape)
-    assert result["report"]["lesion_count"] == len(expected.lesions)
+    again = segment_heatmap(heatmap, brain, heat.affine, calibration, result["percentile"],
+                            fallback_percentile=result["fallback_percentile"], model_version=result["model_version"])
+    assert again.threshold == pytest.approx(expected.threshold)
+    np.testing.assert_array_equal(again.mask, expected.mask)
+    assert again.report()["lesions"] == expected.report()["lesions"]
     assert {e["stage"] for e in events} >= {"prepare", "segment", "write"}
     assert events[-1]["stage"] == "write" and events[-1]["fraction"] == 1.0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["heatmap.nii.gz", "mask.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["brain.nii.gz", "heatmap.nii.gz"]
+
+
+def test_info_task_reports_the_operating_point(tmp_path, make_oblique_volume):
+    from AnomalySegLib.model_file import load_model
+
+    healthy = make_oblique_volume(tmp_path, "healthy", shape=(40, 34, 10), radii_mm=(13.0, 22.0, 14.0),
+                                  centre_ras=(1.5, -2.0, 3.0), seed=1)
+    model_path = tmp_path / "tiny.pt"
+    make_tiny_model(model_path, healthy.path)
+    result = WorkerProcess({"task": "info", "model": str(model_path)}).start().wait(timeout=120)
+    assert result["default_percentile"] == load_model(model_path).default_percentile
+
+
+def test_uncalibrated_model_error_names_no_command_line_flags(tmp_path, make_oblique_volume):
+    case = make_oblique_volume(tmp_path, "case", shape=(40, 34, 10), radii_mm=(13.0, 22.0, 14.0),
+                               centre_ras=(1.5, -2.0, 3.0), seed=2)
+    model_path = tmp_path / "raw.pt"
+    make_tiny_model(model_path, case.path, calibrated=False)
+    request = {"task": "segment", "input": str(case.path), "model": str(model_path), "device": "cpu",
+               "heatmap": str(tmp_path / "heatmap.nii.gz")}
+    with pytest.raises(errors.ModelFileError, match="not calibrated") as info:
+        WorkerProcess(request).start().wait(timeout=120)
+    assert "--" not in str(info.value) and "anomalyseg " not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- train task: profiles
+
+TINY_HEAD = dict(shape=(40, 34, 10), radii_mm=(13.0, 22.0, 14.0), centre_ras=(1.5, -2.0, 3.0))
+
+
+def test_train_task_resolves_the_profile_and_reports_what_ran(tmp_path, make_oblique_volume):
+    """``auto`` resolves against the device the worker trains on (CPU here: ``fast``); only the
+    explicit overrides replace profile values; the settings come back before training starts
+    and with the result, and the model stores the resolved profile."""
+    pytest.importorskip("torch")
+    from AnomalySegLib.model_file import load_model
+    from AnomalySegLib.profiles import DEFAULT_METHOD, PROFILES
+
+    folder = tmp_path / "healthy"
+    folder.mkdir()
+    for seed in (1, 2, 3):
+        make_oblique_volume(folder, f"healthy{seed}", seed=seed, **TINY_HEAD)
+    overrides = {"epochs": 1, "image_size": 32, "base_width": 4, "batch_size": 8, "learning_rate": None}
+    request = {"task": "train", "healthy_dir": str(folder), "output": str(tmp_path / "m.pt"), "profile": "auto",
+               "overrides": overrides,
+               "config": {"device": "cpu", "amp": False, "latent_dim": 8, "calibration_fraction": 0.34}}
+    events = []
+    result = WorkerProcess(request, on_progress=events.append).start().wait(timeout=300)
+
+    expected = {"profile": "fast", "method": DEFAULT_METHOD, "epochs": 1, "image_size": 32, "base_width": 4,
+                "batch_size": 8, "learning_rate": PROFILES["fast"]["learning_rate"], "device_type": "cpu",
+                "overrides": ["base_width", "batch_size", "epochs", "image_size"]}  # None is no override
+    announced = [e for e in events if "settings" in e]
+    assert len(announced) == 1 and announced[0]["settings"] == expected
+    assert events.index(announced[0]) < min(i for i, e in enumerate(events) if e["stage"] == "train")
+    assert "profile fast: 32 px, width 4, 1 epochs" in announced[0]["message"]
+    assert result["settings"] == expected
+    model = load_model(result["model"])
+    recorded = model.training["config"]
+    assert (recorded["profile"], recorded["method"], recorded["learning_rate"]) == ("fast", "dae", 1e-3)
+    assert model.method.method == "dae" and model.calibration is not None
+
+
+def test_train_task_refuses_unknown_profiles_and_impossible_settings(tmp_path, make_oblique_volume):
+    pytest.importorskip("torch")
+    make_oblique_volume(tmp_path, "healthy1", seed=1, **TINY_HEAD)
+    base = {"task": "train", "healthy": [str(tmp_path / "healthy1.nii.gz")], "output": str(tmp_path / "m.pt"),
+            "config": {"device": "cpu"}}
+    with pytest.raises(errors.AnomalySegError, match="unknown profile 'huge'"):
+        WorkerProcess({**base, "profile": "huge"}).start().wait(timeout=120)
+    with pytest.raises(errors.AnomalySegError, match="epochs must be >= 1"):
+        WorkerProcess({**base, "profile": "paper", "overrides": {"epochs": 0}}).start().wait(timeout=120)
+    with pytest.raises(errors.AnomalySegError, match="unknown method"):
+        WorkerProcess({**base, "overrides": {"method": "nope"}}).start().wait(timeout=120)
+    assert not (tmp_path / "m.pt").exists()

@@ -1,0 +1,103 @@
+"""Position-dependent healthy statistics: fitted moments, z-scores, serialisation, model file."""
+
+import numpy as np
+import pytest
+import torch
+
+from AnomalySegLib.position_stats import PositionStats, slice_positions
+
+
+def test_slice_positions_span_zero_to_one():
+    np.testing.assert_allclose(slice_positions(np.array([4, 5, 6, 8])), [0.0, 0.25, 0.5, 1.0])
+    np.testing.assert_array_equal(slice_positions(np.array([7])), [0.0])
+
+
+def test_fit_recovers_a_position_dependent_mean_and_std():
+    # Healthy maps: mean 1 in the left half, 5 in the right half; std 0.1 left, 1.0 right.
+    rng = np.random.default_rng(0)
+    n, s = 12, 48
+    maps, masks, idx = [], [], []
+    for _ in range(6):
+        left = 1.0 + 0.1 * rng.standard_normal((n, s, s // 2))
+        right = 5.0 + 1.0 * rng.standard_normal((n, s, s // 2))
+        maps.append(np.concatenate([left, right], axis=2).astype(np.float32))
+        masks.append(np.ones((n, s, s), bool))
+        idx.append(np.arange(10, 10 + n))
+    stats = PositionStats.fit(maps, masks, idx, grid=(4, 8, 8))
+    # away from the left/right border (smoothing mixes the two bins next to it)
+    np.testing.assert_allclose(stats.mean[:, :, :1], 1.0, atol=0.02)
+    np.testing.assert_allclose(stats.mean[:, :, -1:], 5.0, atol=0.05)
+    np.testing.assert_allclose(stats.std[:, :, -1:], 1.0, rtol=0.05)
+    # the left std (0.1) is below the floor 0.25 * median std: floored, not tiny
+    assert stats.std[:, :, :2].min() >= 0.25 * float(np.median(stats.std)) - 1e-6
+    # z-scores: a healthy-looking value scores ~0 on both sides; +3 std on the right is ~3
+    probe = np.concatenate([np.full((n, s, s // 2), 1.0), np.full((n, s, s // 2), 8.0)], axis=2)
+    z = stats.normalise(probe, np.ones((n, s, s), bool), np.arange(n))
+    assert abs(float(z[:, :, :4].mean())) < 0.1
+    assert float(z[:, :, -4:].mean()) == pytest.approx(3.0, rel=0.07)
+    # outside the mask: 0
+    mask = np.ones((n, s, s), bool)
+    mask[:, 0, :] = False
+    assert not stats.normalise(probe, mask, np.arange(n))[:, 0].any()
+
+
+def test_round_trip_and_validation():
+    stats = PositionStats(mean=np.arange(8, dtype=np.float32).reshape(2, 2, 2), std=np.ones((2, 2, 2), np.float32))
+    back = PositionStats.from_dict(stats.to_dict())
+    np.testing.assert_array_equal(back.mean, stats.mean)
+    np.testing.assert_array_equal(back.std, stats.std)
+    bad = stats.to_dict()
+    bad["std"][0] = 0.0
+    with pytest.raises(ValueError):
+        PositionStats.from_dict(bad)
+    bad = stats.to_dict()
+    bad["grid"] = [2, 2, 3]
+    with pytest.raises(ValueError):
+        PositionStats.from_dict(bad)
+    with pytest.raises(ValueError):
+        PositionStats.fit([], [], [])
+
+
+def test_dae_model_with_position_stats_round_trips_and_normalises_scores(tmp_path, healthy_volumes):
+    from AnomalySegLib.inference import score_prepared
+    from AnomalySegLib.methods import MethodParams
+    from AnomalySegLib.model_file import AnomalyModel, load_model
+    from AnomalySegLib.models import VAEConfig, build_network
+    from AnomalySegLib.preprocessing import PreprocessConfig, prepare_volume
+
+    torch.manual_seed(0)
+    config = VAEConfig(image_size=32, base_width=4, architecture="unet")
+    params = MethodParams.defaults("dae")
+    assert params.position_normalise and params.fuse_intensity == 1.0  # the default: z-scores + fusion
+    params.fuse_intensity = 0.0  # first the position statistics alone
+    model = AnomalyModel(network=build_network(config).eval(), network_config=config,
+                         preprocessing=PreprocessConfig(image_size=32), method=params)
+    prepared = [prepare_volume(v, model.preprocessing) for v in healthy_volumes[:3]]
+    raw = [score_prepared(model, p, device="cpu") for p in prepared]
+    model.position_stats = PositionStats.fit(raw, [p.masks for p in prepared], [p.slice_indices for p in prepared],
+                                             grid=(4, 4, 4))
+    path = tmp_path / "dae.pt"
+    model.save(path)
+    back = load_model(path)
+    assert back.network_config.architecture == "unet" and back.method.position_normalise
+    np.testing.assert_array_equal(back.position_stats.mean, model.position_stats.mean)
+    z = score_prepared(back, prepared[0], device="cpu")
+    expected = model.position_stats.normalise(raw[0], prepared[0].masks, prepared[0].slice_indices)
+    np.testing.assert_allclose(z, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(score_prepared(back, prepared[0], device="cpu", normalise=False), raw[0], atol=1e-6)
+    assert back.summary()["position_normalised"] is True
+    # fusion with the healthy-normalised intensity: (z_map + w |z_int|) / (1 + w)
+    back.method.fuse_intensity = 1.0
+    back.intensity_stats = PositionStats.fit([p.images for p in prepared], [p.masks for p in prepared],
+                                             [p.slice_indices for p in prepared], grid=(4, 4, 4))
+    z_int = back.intensity_stats.normalise(prepared[0].images, prepared[0].masks, prepared[0].slice_indices)
+    np.testing.assert_allclose(score_prepared(back, prepared[0], device="cpu"), (expected + np.abs(z_int)) / 2.0,
+                               rtol=1e-5, atol=1e-5)
+    back.save(tmp_path / "fused.pt")
+    assert load_model(tmp_path / "fused.pt").intensity_stats is not None
+    back.intensity_stats = None  # a fusing model without its statistics is refused on load
+    back.save(tmp_path / "broken.pt")
+    from AnomalySegLib.errors import ModelFileError
+
+    with pytest.raises(ModelFileError, match="intensity statistics"):
+        load_model(tmp_path / "broken.pt")

@@ -1,0 +1,172 @@
+"""Post-processing and the healthy-only operating point, against hand-computed cases."""
+
+import numpy as np
+import pytest
+
+from AnomalySegLib.calibration import Calibration
+from AnomalySegLib.postprocess import (
+    count_components,
+    min_component_voxels,
+    remove_small_components,
+    segment_heatmap,
+    select_operating_percentile,
+    smooth_in_mask,
+    threshold_mask,
+)
+
+
+def test_min_component_voxels_in_physical_units():
+    assert min_component_voxels(0.1, 0.008) == 13  # 2 mm voxels: 12.5 -> 13
+    assert min_component_voxels(0.1, 0.001) == 100  # 1 mm voxels: exactly 100
+    assert min_component_voxels(0.0, 0.008) == 1
+    assert min_component_voxels(0.016, 0.008) == 2
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            min_component_voxels(bad, 0.008)
+    with pytest.raises(ValueError):
+        min_component_voxels(0.1, 0.0)
+
+
+def _three_blobs() -> np.ndarray:
+    mask = np.zeros((20, 20, 20), dtype=bool)
+    mask[1, 1, 1] = True  # 1 voxel
+    mask[5, 5, 5] = mask[6, 6, 6] = True  # 2 voxels, touching by a corner: one 26-component
+    mask[10:13, 10:13, 10:12] = True  # 18 voxels
+    return mask
+
+
+def test_remove_small_components_uses_26_connectivity():
+    mask = _three_blobs()
+    assert count_components(mask) == 3
+    assert count_components(mask, 2) == 2
+    assert count_components(mask, 3) == 1
+    kept = remove_small_components(mask, 2)
+    assert kept.sum() == 20 and not kept[1, 1, 1] and kept[5, 5, 5] and kept[6, 6, 6]
+    assert remove_small_components(mask, 19).sum() == 0
+    np.testing.assert_array_equal(remove_small_components(mask, 1), mask)
+    assert count_components(np.zeros((3, 3, 3), bool)) == 0
+
+
+def test_threshold_mask_is_strict_and_inside_the_brain():
+    heat = np.array([[[0.5, 0.6, 0.7, 0.9]]], dtype=np.float32)
+    brain = np.array([[[True, True, True, False]]])
+    np.testing.assert_array_equal(threshold_mask(heat, brain, 0.6), [[[False, False, True, False]]])
+    with pytest.raises(ValueError):
+        threshold_mask(heat, brain[..., :2], 0.6)
+
+
+def _peaks_volume(values) -> np.ndarray:
+    """Isolated single-voxel peaks (3 voxels apart) with the given scores, 0 elsewhere."""
+    heat = np.zeros((4, 4, 3 * len(values) + 1), dtype=np.float32)
+    for n, v in enumerate(values):
+        heat[1, 1, 1 + 3 * n] = v
+    return heat
+
+
+def test_operating_percentile_is_lowest_meeting_the_budget():
+    # Two healthy volumes; threshold_at(p) = p / 100. Peaks: volume A 0.95, 0.97, 0.99;
+    # volume B 0.96. Mean count above t: t < 0.95 -> 2, [0.95, 0.96) -> 1.5, [0.96, 0.97) -> 1,
+    # [0.97, 0.99) -> 0.5, >= 0.99 -> 0.
+    a, b = _peaks_volume([0.95, 0.97, 0.99]), _peaks_volume([0.96])
+    healthy = [(a, np.ones_like(a, bool), 0.008), (b, np.ones_like(b, bool), 0.008)]
+    grid = np.round(np.arange(90.0, 100.0, 0.5), 6)
+    pct, mean_false = select_operating_percentile(healthy, lambda p: p / 100.0, grid, start_percentile=90.0,
+                                                  min_component_ml=0.0, max_false_components=1.0)
+    assert (pct, mean_false) == (96.0, 1.0)
+    pct, mean_false = select_operating_percentile(healthy, lambda p: p / 100.0, grid, start_percentile=90.0,
+                                                  min_component_ml=0.0, max_false_components=0.0)
+    assert (pct, mean_false) == (99.0, 0.0)
+    # the start percentile already meets a loose budget
+    pct, _ = select_operating_percentile(healthy, lambda p: p / 100.0, grid, start_percentile=92.0,
+                                         min_component_ml=0.0, max_false_components=2.0)
+    assert pct == 92.0
+    # single-voxel peaks are all below a 2-voxel minimum: nothing is false at the start
+    pct, mean_false = select_operating_percentile(healthy, lambda p: p / 100.0, grid, start_percentile=90.0,
+                                                  min_component_ml=0.016, max_false_components=0.0)
+    assert (pct, mean_false) == (90.0, 0.0)
+
+
+def test_unreachable_budget_returns_highest_candidate_with_its_count():
+    heat = _peaks_volume([5.0, 6.0])
+    healthy = [(heat, np.ones_like(heat, bool), 0.008)]
+    pct, mean_false = select_operating_percentile(healthy, lambda p: p / 100.0, [98.0, 99.0], start_percentile=98.0,
+                                                  min_component_ml=0.0, max_false_components=0.5)
+    assert (pct, mean_false) == (99.0, 2.0)
+
+
+def test_smooth_in_mask_keeps_constants_at_the_boundary():
+    brain = np.zeros((20, 20, 20), dtype=bool)
+    brain[4:16, 4:16, 4:16] = True
+    heat = np.where(brain, 3.0, 0.0).astype(np.float32)
+    out = smooth_in_mask(heat, brain, 2.0, (1.0, 1.0, 2.0))
+    np.testing.assert_allclose(out[brain], 3.0, rtol=1e-5)  # normalised convolution: no boundary darkening
+    assert not out[~brain].any()
+    spike = np.zeros_like(heat)
+    spike[10, 10, 10] = 1.0
+    smoothed = smooth_in_mask(spike, brain, 1.0, (1.0, 1.0, 1.0))
+    assert smoothed[10, 10, 10] < 0.1 and smoothed.sum() == pytest.approx(1.0, rel=1e-3)  # mass is kept
+    np.testing.assert_array_equal(smooth_in_mask(heat, brain, 0.0, (1, 1, 1)), heat)
+
+
+def test_calibration_operating_point_round_trip_and_flag():
+    rng = np.random.default_rng(0)
+    maps = []
+    for _ in range(3):
+        heat = rng.random((30, 30, 30)).astype(np.float32)
+        maps.append((heat, np.ones(heat.shape, bool), 0.008))
+    cal = Calibration.from_healthy_maps(maps, start_percentile=98.0, min_component_ml=0.016,
+                                        max_false_components=1.0, n_images=90)
+    assert cal.operating_percentile is not None and cal.operating_percentile >= 98.0
+    assert cal.false_components_per_volume <= 1.0
+    # what the calibration reports is what flagging its own volumes gives
+    counts = [count_components(cal.flag(h, b, cal.operating_percentile, voxel_ml=v)[1]) for h, b, v in maps]
+    assert np.mean(counts) == pytest.approx(cal.false_components_per_volume)
+    back = Calibration.from_dict(cal.to_dict())
+    assert (back.operating_percentile, back.min_component_ml, back.max_false_components,
+            back.false_components_per_volume) == (cal.operating_percentile, 0.016, 1.0, cal.false_components_per_volume)
+    with pytest.raises(ValueError, match="voxel_ml"):
+        cal.flag(maps[0][0], maps[0][1], 99.0)
+    # files written before the operating point existed: no minimum size, method default percentile
+    old = cal.to_dict()
+    for key in ("operating_percentile", "min_component_ml", "max_false_components", "false_components_per_volume"):
+        del old[key]
+    legacy = Calibration.from_dict(old)
+    assert legacy.operating_percentile is None and legacy.min_component_ml == 0.0
+    assert legacy.default_percentile(95.0) == 95.0
+    thr, mask = legacy.flag(maps[0][0], maps[0][1], 98.0)
+    assert mask.sum() == (maps[0][0] > thr).sum()
+    bad = cal.to_dict()
+    bad["values"][-1] = float("nan")
+    with pytest.raises(ValueError):
+        Calibration.from_dict(bad)
+
+
+def test_segment_heatmap_measures_kept_lesions_in_ml():
+    heat = np.zeros((20, 20, 20), dtype=np.float32)
+    heat[2:5, 2:5, 2:5] = 5.0  # 27 voxels
+    heat[10, 10, 10] = 5.0  # 1 voxel: below the minimum
+    brain = np.ones(heat.shape, bool)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    cal = Calibration.from_scores(np.linspace(0, 1, 1000), n_images=1, n_volumes=1)
+    cal.min_component_ml = 0.1  # 13 voxels of 8 uL
+    cal.operating_percentile = 99.0
+    result = segment_heatmap(heat, brain, affine, cal, None, fallback_percentile=98.0, model_version="m")
+    assert result.percentile == 99.0 and result.threshold == pytest.approx(0.99, abs=1e-3)
+    assert len(result.lesions) == 1 and result.lesions[0].voxel_count == 27
+    assert result.lesions[0].volume_ml == pytest.approx(27 * 0.008)
+    np.testing.assert_allclose(result.lesions[0].centroid_ras, [6.0, 6.0, 6.0])
+    assert int(result.mask.sum()) == 27
+    report = result.report()
+    assert report["min_component_ml"] == 0.1 and report["lesion_count"] == 1
+    with pytest.raises(ValueError):
+        segment_heatmap(heat, brain, affine, cal, 100.0, fallback_percentile=98.0)
+
+
+def test_thresholding_path_needs_neither_torch_nor_nibabel():
+    """The Slicer GUI process re-thresholds with these modules; Slicer ships neither package."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import AnomalySegLib.calibration, AnomalySegLib.postprocess, AnomalySegLib.lesions; "
+            "bad = [m for m in ('torch', 'nibabel') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,49 @@
+"""Training profiles: device-dependent defaults, explicit overrides, recorded in the model."""
+
+import json
+
+import pytest
+
+from AnomalySegLib.cli import main
+from AnomalySegLib.profiles import DEFAULT_METHOD, LEARNING_RATES, PROFILES, profile_settings, resolve_profile
+
+
+def test_auto_profile_follows_the_device():
+    assert resolve_profile("auto", "cpu") == "fast"
+    assert resolve_profile("auto", "cuda") == "paper"
+    assert resolve_profile("paper", "cpu") == "paper"
+    with pytest.raises(ValueError, match="fast"):
+        resolve_profile("turbo", "cpu")
+
+
+def test_profile_settings_and_overrides():
+    fast = profile_settings("auto", "cpu")
+    assert fast == {"method": DEFAULT_METHOD, "profile": "fast", **PROFILES["fast"]}
+    assert DEFAULT_METHOD not in LEARNING_RATES["fast"]
+    # the paper's learning rate for the VAE-based methods, also in the CPU profile
+    assert profile_settings("fast", "cpu", {"method": "amcons"})["learning_rate"] == 1e-4
+    paper = profile_settings("auto", "cuda")
+    assert (paper["image_size"], paper["base_width"], paper["epochs"], paper["learning_rate"]) == (224, 64, 50, 1e-4)
+    mixed = profile_settings("fast", "cpu", {"epochs": 3, "method": "amcons", "image_size": None})
+    assert (mixed["epochs"], mixed["method"], mixed["image_size"]) == (3, "amcons", PROFILES["fast"]["image_size"])
+
+
+def test_train_without_tuning_flags_uses_and_records_the_profile(synthetic_cohort, tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    # the fast profile on this CPU, shrunk only where the test must stay fast
+    code = main(["train", *map(str, synthetic_cohort["healthy"][:4]), "-o", str(out), "--quiet",
+                 "--epochs", "1", "--image-size", "32", "--width", "4", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "profile fast" in err and "dae" in err
+    assert main(["info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    config = info["training"]["config"]
+    assert config["profile"] == "fast" and config["method"] == DEFAULT_METHOD
+    assert config["learning_rate"] == PROFILES["fast"]["learning_rate"]
+    assert config["batch_size"] == PROFILES["fast"]["batch_size"]
+    assert (config["image_size"], config["base_width"], config["epochs"]) == (32, 4, 1)
+    assert info["network"]["architecture"] == "unet"
+    cal = info["calibration"]
+    assert cal["operating_percentile"] >= info["method"]["default_percentile"]
+    assert cal["min_component_ml"] > 0 and cal["false_components_per_volume"] is not None
