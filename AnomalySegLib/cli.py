@@ -73,7 +73,26 @@ def cmd_train(args) -> int:
           f"threshold {cal['threshold_at_default_percentile']:.6g} at healthy p{model.default_percentile:g} "
           f"(minimum lesion {cal['min_component_ml']:g} mL; {cal['false_components_per_volume']:.2f} false "
           f"component(s) per held-out healthy volume)")
+    _warn_about_calibration(model.calibration)
     return 0
+
+
+#: Fewer held-out healthy volumes than this make the operating point a guess.
+MIN_CALIBRATION_VOLUMES = 5
+
+
+def _warn_about_calibration(cal) -> None:
+    """Warnings (stderr) a user can act on when the healthy operating point is weak."""
+    if cal is None:
+        return
+    if cal.n_volumes < MIN_CALIBRATION_VOLUMES:
+        print(f"{PROG}: warning: the operating point was chosen on only {cal.n_volumes} healthy volume(s); "
+              f"recalibrate on at least {MIN_CALIBRATION_VOLUMES} healthy scans not used for training "
+              f"(anomalyseg calibrate MODEL HEALTHY...)", file=sys.stderr)
+    budget, measured = cal.max_false_components, cal.false_components_per_volume
+    if budget is not None and measured is not None and measured > budget:
+        print(f"{PROG}: warning: even at healthy p{cal.operating_percentile:g} the calibration volumes carry "
+              f"{measured:.2f} false component(s) each (budget {budget:g}): expect false blobs", file=sys.stderr)
 
 
 def cmd_calibrate(args) -> int:
@@ -100,6 +119,7 @@ def cmd_calibrate(args) -> int:
           f"threshold: {before} -> {cal.threshold(pct):.6g} at healthy p{pct:g} (minimum lesion "
           f"{cal.min_component_ml:g} mL, {cal.false_components_per_volume:.2f} false component(s) per "
           f"healthy volume); saved {target}")
+    _warn_about_calibration(cal)
     return 0
 
 

@@ -143,8 +143,10 @@ def test_usage_errors_exit_2(capsys):
 def test_calibrate_updates_threshold_and_percentile(tiny_model, synthetic_cohort, tmp_path, capsys):
     path = tmp_path / "m.pt"
     tiny_model.save(path)
-    code, out, _ = run_cli(["calibrate", path, *synthetic_cohort["healthy"][:3], "--percentile", "99", "-q"], capsys)
+    code, out, err = run_cli(["calibrate", path, *synthetic_cohort["healthy"][:3], "--percentile", "99", "-q"], capsys)
     assert code == 0 and "p99" in out
+    # three healthy volumes are too few for a trustworthy operating point: the user is told
+    assert "warning: the operating point was chosen on only 3 healthy volume(s)" in err
     from AnomalySegLib.calibration import calibrate
     from AnomalySegLib.model_file import load_model
 
