@@ -54,8 +54,13 @@ def cmd_train(args) -> int:
     overrides = {k: getattr(args, k) for k in ("beta", "lambda_h", "t", "p", "lambda_s", "warmup_epochs")
                  if getattr(args, k) is not None}
     device_type = resolve_device(args.device).type
+    method = args.method
+    if method is None and args.init:  # fine-tuning keeps the base model's method unless told otherwise
+        from .model_file import load_model
+
+        method = load_model(args.init).method.method
     settings = profile_settings(args.profile, device_type, {
-        "method": args.method, "epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
+        "method": method, "epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
         "image_size": args.image_size, "base_width": args.width})
     config = TrainConfig(**settings, latent_dim=args.latent_dim, attention_stage=args.attention_stage,
                          seed=args.seed, device=args.device, amp=not args.no_amp,

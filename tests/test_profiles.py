@@ -47,3 +47,15 @@ def test_train_without_tuning_flags_uses_and_records_the_profile(synthetic_cohor
     cal = info["calibration"]
     assert cal["operating_percentile"] >= info["method"]["default_percentile"]
     assert cal["min_component_ml"] > 0 and cal["false_components_per_volume"] is not None
+
+
+def test_fine_tuning_keeps_the_base_models_method(trained_model_path, synthetic_cohort, tmp_path, capsys):
+    out = tmp_path / "tuned.pt"
+    code = main(["train", *map(str, synthetic_cohort["healthy"][:3]), "-o", str(out), "--quiet", "--init",
+                 str(trained_model_path), "--epochs", "1", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "training amcons" in err  # the session model's method, not the profile's default
+    assert main(["info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"]["method"] == "amcons" and info["training"]["fine_tuned_from"]
