@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence, Union
-
 import math
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 
@@ -153,7 +152,6 @@ class Calibration:
         values = np.maximum.accumulate(values)  # guard against float round-off making it non-monotonic
         return cls(TABLE_PERCENTILES.copy(), values, int(scores.size), n_images, n_volumes, source)
 
-
     @classmethod
     def from_healthy_maps(
         cls,
@@ -202,8 +200,8 @@ def calibrate_prepared(
     device: str = "auto",
     batch_size: int = 16,
     source: str = "",
-    min_component_ml: Optional[float] = None,
-    max_false_components: Optional[float] = None,
+    min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
+    max_false_components: float = DEFAULT_MAX_FALSE_COMPONENTS,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelCallback] = None,
 ) -> Calibration:
@@ -213,7 +211,7 @@ def calibrate_prepared(
     the values that :func:`~AnomalySegLib.inference.threshold_scores` compares with the
     threshold, so p98 flags 2 % of the calibration volumes' brain voxels. The operating
     point (minimum component volume, default percentile) is chosen on the same healthy
-    volumes (:meth:`Calibration.from_healthy_maps`; package defaults when None).
+    volumes (:meth:`Calibration.from_healthy_maps`).
     """
     from .geometry import voxel_volume_ml
     from .inference import score_prepared, scores_on_volume_grid
@@ -232,8 +230,7 @@ def calibrate_prepared(
                                      message=f"healthy volume {index + 1}/{len(prepared)}"))
     return Calibration.from_healthy_maps(
         maps, start_percentile=model.method.default_percentile,
-        min_component_ml=DEFAULT_MIN_COMPONENT_ML if min_component_ml is None else min_component_ml,
-        max_false_components=DEFAULT_MAX_FALSE_COMPONENTS if max_false_components is None else max_false_components,
+        min_component_ml=min_component_ml, max_false_components=max_false_components,
         n_images=n_images, source=source)
 
 
@@ -243,8 +240,8 @@ def calibrate(
     *,
     device: str = "auto",
     batch_size: int = 16,
-    min_component_ml: Optional[float] = None,
-    max_false_components: Optional[float] = None,
+    min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
+    max_false_components: float = DEFAULT_MAX_FALSE_COMPONENTS,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelCallback] = None,
 ) -> Calibration:

@@ -54,11 +54,12 @@ def cmd_train(args) -> int:
     overrides = {k: getattr(args, k) for k in ("beta", "lambda_h", "t", "p", "lambda_s", "warmup_epochs")
                  if getattr(args, k) is not None}
     device_type = resolve_device(args.device).type
-    method = args.method
-    if method is None and args.init:  # fine-tuning keeps the base model's method unless told otherwise
+    init = None
+    if args.init:
         from .model_file import load_model
 
-        method = load_model(args.init).method.method
+        init = load_model(args.init)  # read once: its method is the default, train_model fine-tunes it
+    method = args.method if args.method is not None or init is None else init.method.method
     settings = profile_settings(args.profile, device_type, {
         "method": method, "epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
         "image_size": args.image_size, "base_width": args.width})
@@ -68,7 +69,7 @@ def cmd_train(args) -> int:
     print(f"{PROG}: training {config.method} on {len(volumes)} healthy volume(s) on {device_type} "
           f"(profile {config.profile}: {config.image_size} px, width {config.base_width}, {config.epochs} epochs, "
           f"batch {config.batch_size}, lr {config.learning_rate:g})", file=sys.stderr)
-    model = train_model(volumes, config, output=output, init=args.init, checkpoint=checkpoint,
+    model = train_model(volumes, config, output=output, init=init, checkpoint=checkpoint,
                         resume=args.resume, progress=_progress(args))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun only rank 0 calibrates and saves

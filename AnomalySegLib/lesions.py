@@ -31,12 +31,13 @@ class Lesion:
         return data
 
 
-def _bounding_box(mask: np.ndarray) -> tuple:
-    """Slices of the smallest box holding every True voxel of a non-empty ``mask``."""
+def mask_bounding_box(mask: np.ndarray, margin: int = 0) -> tuple:
+    """Slices of the smallest box holding every True voxel of a non-empty ``mask``, grown
+    by ``margin`` voxels on each side and clipped to the array."""
     box = []
     for axis in range(mask.ndim):
         present = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(int(present[0]), int(present[-1]) + 1))
+        box.append(slice(max(int(present[0]) - margin, 0), min(int(present[-1]) + margin + 1, mask.shape[axis])))
     return tuple(box)
 
 
@@ -57,7 +58,7 @@ def find_lesions(mask: np.ndarray, affine: np.ndarray, heatmap: Optional[np.ndar
     if not mask.any():
         return []
     # label only the bounding box of the mask: lesions are usually local, labelling is the cost
-    box = _bounding_box(mask)
+    box = mask_bounding_box(mask)
     sub = np.ascontiguousarray(mask[box])
     labels, count = ndimage.label(sub, structure=np.ones((3, 3, 3), dtype=bool))
     flat = np.flatnonzero(sub)  # the lesion voxels only, in one pass

@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
+from .geometry import voxel_volume_ml
+from .lesions import find_lesions, mask_bounding_box
+
 if TYPE_CHECKING:
     from .calibration import Calibration
 
@@ -58,10 +61,12 @@ def min_component_voxels(min_component_ml: float, voxel_ml: float) -> int:
     return max(1, int(math.ceil(min_component_ml / voxel_ml - 1e-9)))
 
 
-def _labels(mask: np.ndarray) -> Tuple[np.ndarray, int, np.ndarray]:
-    labels, count = ndimage.label(np.asarray(mask, dtype=bool), structure=_STRUCTURE)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    return labels, count, sizes
+def _labels(mask: np.ndarray) -> Tuple[tuple, np.ndarray, np.ndarray]:
+    """``(box, labels, sizes)`` of a non-empty mask's components, labelled inside its
+    bounding box only (labelling is the cost; lesions and false blobs are local)."""
+    box = mask_bounding_box(mask)
+    labels, count = ndimage.label(mask[box], structure=_STRUCTURE)
+    return box, labels, np.bincount(labels.ravel(), minlength=count + 1)
 
 
 def smooth_in_mask(heatmap: np.ndarray, brain_mask: np.ndarray, sigma_mm: float, spacing_mm: Sequence[float]) -> np.ndarray:
@@ -89,10 +94,12 @@ def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     mask = np.asarray(mask, dtype=bool)
     if min_voxels <= 1 or not mask.any():
         return mask.copy()
-    labels, count, sizes = _labels(mask)
+    box, labels, sizes = _labels(mask)
     keep = sizes >= min_voxels
     keep[0] = False
-    return keep[labels]
+    out = np.zeros_like(mask)
+    out[box] = keep[labels]
+    return out
 
 
 def count_components(mask: np.ndarray, min_voxels: int = 1) -> int:
@@ -100,7 +107,7 @@ def count_components(mask: np.ndarray, min_voxels: int = 1) -> int:
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return 0
-    _, count, sizes = _labels(mask)
+    _, _, sizes = _labels(mask)
     return int((sizes[1:] >= max(1, min_voxels)).sum())
 
 
@@ -215,9 +222,6 @@ def segment_heatmap(
     baselines, the Slicer module and the batch script. ``percentile`` None means the
     calibration's operating point (or ``fallback_percentile`` for calibrations without one).
     """
-    from .geometry import voxel_volume_ml
-    from .lesions import find_lesions
-
     pct = percentile_or_default(percentile, calibration.default_percentile(fallback_percentile))
     threshold, mask = calibration.flag(heatmap, brain_mask, pct, voxel_ml=voxel_volume_ml(affine))
     lesions = find_lesions(mask, affine, heatmap)

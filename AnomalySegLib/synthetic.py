@@ -61,6 +61,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError, OutputError
+from .lesions import mask_bounding_box
 
 __all__ = [
     "Template",
@@ -221,15 +222,6 @@ def _colin27_file() -> Path:
     return _COLIN27_FILE
 
 
-def _bounding_box(mask: np.ndarray, margin: int) -> Tuple[slice, ...]:
-    """Slices of the smallest box holding ``mask``'s True voxels, grown by ``margin`` (clipped)."""
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(max(int(hit[0]) - margin, 0), int(hit[-1]) + margin + 1))
-    return tuple(box)
-
-
 def _histogram_peak(hist: np.ndarray, lo: int, hi: int) -> float:
     """Intensity of the highest interior local maximum of ``hist[lo:hi]`` (its mean if none).
 
@@ -276,7 +268,7 @@ def _soft_tissue_maps(t1: np.ndarray, brain: np.ndarray) -> Tuple[np.ndarray, np
     Returns (gm, wm, pure intensities).
     """
     # Work in the brain's bounding box (+2 voxels for the smoothing): half the grid.
-    box = _bounding_box(brain, margin=2)
+    box = mask_bounding_box(brain, margin=2)
     full_shape = t1.shape
     t1, brain = t1[box], brain[box]
     values = t1[brain].astype(np.int64)
@@ -316,7 +308,7 @@ def _load_colin27() -> Tuple[Dict[str, np.ndarray], np.ndarray]:
     # (In the non-zero bounding box, about half the grid: loading time matters in tests.)
     if not t1.any():
         raise InputError(f"{_COLIN27_FILE} is empty")
-    box = _bounding_box(t1 > 0, margin=2)
+    box = mask_bounding_box(t1 > 0, margin=2)
     core = ndimage.binary_opening(t1[box] > 0, ndimage.generate_binary_structure(3, 1))
     labels, n = ndimage.label(core)
     if n == 0:
