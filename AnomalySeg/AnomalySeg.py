@@ -91,10 +91,12 @@ except ImportError:  # source checkout: the core package is one folder up
     import AnomalySegLib  # noqa: F401
 
 from AnomalySegLib import errors as anomalyErrors  # noqa: E402 - after the path fix above
-from AnomalySegLib.calibration import Calibration  # noqa: E402
-from AnomalySegLib.model_registry import MODEL_DIR_ENV, ModelEntry, ModelRegistry, default_model_dir  # noqa: E402
-from AnomalySegLib.profiles import DEFAULT_METHOD, PROFILES  # noqa: E402
-from AnomalySegLib.worker import WorkerProcess  # noqa: E402
+from AnomalySegLib.model.registry import MODEL_DIR_ENV, ModelEntry, ModelRegistry, default_model_dir  # noqa: E402
+from AnomalySegLib.pipeline.profiles import DEFAULT_METHOD, PROFILES  # noqa: E402
+from AnomalySegLib.progress import ProgressEvent, format_seconds, status_line  # noqa: E402
+from AnomalySegLib.segmentation.calibration import Calibration, default_percentile  # noqa: E402
+from AnomalySegLib.settings import check_percentile  # noqa: E402
+from AnomalySegLib.worker.client import WorkerProcess  # noqa: E402
 
 
 #
@@ -144,7 +146,7 @@ class Device(enum.Enum):
 
 
 class Method(enum.Enum):
-    """Training method: every method of AnomalySegLib.methods.METHODS (checked by the tests)."""
+    """Training method: every method of AnomalySegLib.nn.methods.METHODS (checked by the tests)."""
 
     DAE = "dae"
     AMCONS = "amcons"
@@ -158,7 +160,7 @@ class Method(enum.Enum):
 
 
 class Profile(enum.Enum):
-    """Training profile (AnomalySegLib.profiles): the settings used without tuning, as ``anomalyseg train``."""
+    """Training profile (AnomalySegLib.pipeline.profiles): the settings used without tuning, as ``anomalyseg train``."""
 
     AUTO = "auto"
     FAST = "fast"
@@ -370,7 +372,7 @@ class AnomalySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             p.anomalyMap, p.anomalySegmentation = (mapNode, segNode) if stored is not None else (None, None)
             if stored is not None:
-                p.percentile = min(max(stored, 80.0), 99.99)
+                p.percentile = sliderPercentile(stored)
             # set before EndModify: its ModifiedEvent must not look like a slider move
             self._appliedPercentile = p.percentile if stored is not None else None
         finally:
@@ -445,7 +447,7 @@ class AnomalySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             default = self.logic.entryDefaultPercentile(entry) if entry is not None else None
             if default is not None:
                 # the model's operating point (chosen on healthy volumes), else its method's default
-                self._parameterNode.percentile = min(max(default, 80.0), 99.99)
+                self._parameterNode.percentile = sliderPercentile(default)
 
     def onImportModel(self):
         """Validate a model file (in the worker) and copy it into the model folder."""
@@ -522,7 +524,7 @@ class AnomalySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             p.anomalyMap = result.mapNode
             p.anomalySegmentation = result.segmentationNode
-            p.percentile = min(max(result.percentile, 80.0), 99.99)
+            p.percentile = sliderPercentile(result.percentile)
             self._appliedPercentile = p.percentile
         finally:
             p.EndModify(wasModifying)
@@ -795,28 +797,23 @@ def profileOverrides(values: dict, profile: str) -> dict:
     return overrides
 
 
-def formatSeconds(seconds) -> str:
-    """'mm:ss' (or 'h:mm:ss'); '--:--' when unknown."""
-    if seconds is None or not math.isfinite(float(seconds)):
-        return "--:--"
-    seconds = int(round(float(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours:d}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+#: 'mm:ss' (or 'h:mm:ss'); '--:--' when unknown (the core's formatting).
+formatSeconds = format_seconds
 
 
 def formatProgress(message: dict) -> str:
-    """Status line for a worker progress message: stage, detail, epoch, loss, ETA."""
-    parts = [str(message.get("stage", "")).capitalize()]
-    if message.get("epoch") is not None and message.get("epochs"):
-        parts.append(f"epoch {message['epoch']}/{message['epochs']}")
-    if message.get("message"):
-        parts.append(str(message["message"]))
-    losses = message.get("losses") or {}
-    if "loss" in losses:
-        parts.append(f"loss {float(losses['loss']):.4g}")
-    parts.append(f"ETA {formatSeconds(message.get('eta_s'))}")
-    return " \u2013 ".join(p for p in parts if p)
+    """Status line for a worker progress message (a ProgressEvent as a dict): stage, detail, epoch, loss, ETA."""
+    return status_line(ProgressEvent.from_dict(message))
+
+
+#: Range of the sensitivity slider; the parameter node's WithinRange says the same (checked by the tests).
+PERCENTILE_SLIDER_RANGE = (80.0, 99.99)
+
+
+def sliderPercentile(percentile: float) -> float:
+    """A healthy percentile placed on the sensitivity slider (clamped to its range)."""
+    low, high = PERCENTILE_SLIDER_RANGE
+    return min(max(float(percentile), low), high)
 
 
 def lossPlotPoints(losses: Sequence[float], width: int, height: int, margin: int = LOSS_PLOT_MARGIN,
@@ -1205,7 +1202,7 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
         if self.hasApplication() and self._scene is None:
             node = slicer.util.loadVolume(str(path), {"name": name} if name else {})
             return node
-        from AnomalySegLib.volume_io import volume_stem
+        from AnomalySegLib.io.volume_io import volume_stem
 
         node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or volume_stem(path))
         storage = self.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
@@ -1266,6 +1263,8 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
         """
         if inputVolume is None or inputVolume.GetImageData() is None:
             raise ValueError("input volume is missing or empty")
+        if percentile is not None:
+            percentile = check_percentile(percentile)  # before any export or worker start
         modelPath = self.resolveModelPath(modelPath)
         workDir = tempfile.mkdtemp(prefix="AnomalySeg-")
         inputPath = os.path.join(workDir, "input.nii")
@@ -1299,7 +1298,7 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
         """Turn a worker ``segment`` result into the two output nodes (the MRML half of process).
 
         The worker only scores; the mask and the lesion list are computed here, once,
-        by :func:`AnomalySegLib.postprocess.segment_heatmap` (as ``anomalyseg segment`` does).
+        by :func:`AnomalySegLib.segmentation.segment.segment_heatmap` (as ``anomalyseg segment`` does).
         """
         if not self.isInScene(inputVolume):
             # the scene was closed (or the volume deleted) while the worker ran
@@ -1327,8 +1326,8 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
         GUI and in ``anomalyseg segment``, so the outputs and report match the CLI's.
         Returns ``(Volume, SegmentationResult, workerResult)``; blocking.
         """
-        from AnomalySegLib.postprocess import segment_heatmap
-        from AnomalySegLib.volume_io import read_volume
+        from AnomalySegLib.segmentation.segment import segment_heatmap
+        from AnomalySegLib.io.volume_io import read_volume
 
         modelPath = self.resolveModelPath(modelPath)
         workDir = tempfile.mkdtemp(prefix="AnomalySeg-batch-")
@@ -1447,7 +1446,7 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
 
     def ensureAnomalySegment(self, segNode):
         """The "Anomaly" segment of ``segNode`` (re-created if the user deleted it), fixed name, colour, terminology."""
-        from AnomalySegLib.segmentation_file import ANOMALY_COLOR, ANOMALY_SEGMENT_NAME, ANOMALY_TERMINOLOGY
+        from AnomalySegLib.io.segmentation_file import ANOMALY_COLOR, ANOMALY_SEGMENT_NAME, ANOMALY_TERMINOLOGY
 
         segmentation = segNode.GetSegmentation()
         segment = segmentation.GetSegment(self.SEGMENT_ID)
@@ -1484,28 +1483,31 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
                                                   "segment the volume again").format(name=name))
         return Calibration.from_dict(json.loads(text))
 
+    def mapFallbackPercentile(self, mapNode) -> float:
+        """The method's starting percentile stored with a map (for calibrations without an operating point)."""
+        fallback = mapNode.GetAttribute(self.ATTR_FALLBACK_PERCENTILE)
+        return float(fallback) if fallback else self.DEFAULT_PERCENTILE
+
     def mapDefaultPercentile(self, mapNode) -> float:
         """The healthy percentile a map is first thresholded at: the calibration's operating point, else the method's."""
-        fallback = mapNode.GetAttribute(self.ATTR_FALLBACK_PERCENTILE)
-        return self.mapCalibration(mapNode).default_percentile(float(fallback) if fallback else self.DEFAULT_PERCENTILE)
+        return default_percentile(self.mapCalibration(mapNode), self.mapFallbackPercentile(mapNode))
 
     def thresholdMap(self, mapNode, percentile: Optional[float]):
         """The map thresholded at a healthy percentile (None: its default), with its lesions.
 
-        Runs :func:`AnomalySegLib.postprocess.segment_heatmap`, the one path from a map to
+        Runs :func:`AnomalySegLib.segmentation.segment.segment_heatmap`, the one path from a map to
         a mask and lesion list (small components removed, volumes in mL). Arrays are in
         Slicer's (K, J, I) order; the map is exactly 0 outside the brain, so non-zero
         marks brain voxels. Returns a ``SegmentationResult`` (centroids in the map's own
         RAS, not through parent transforms: see :meth:`lesionRows`).
         """
-        from AnomalySegLib.postprocess import segment_heatmap
+        from AnomalySegLib.segmentation.segment import segment_heatmap
 
         calibration = self.mapCalibration(mapNode)
-        fallback = mapNode.GetAttribute(self.ATTR_FALLBACK_PERCENTILE)
         heatmap = slicer.util.arrayFromVolume(mapNode)
         try:
             return segment_heatmap(heatmap, heatmap != 0, self.kjiAffine(mapNode), calibration, percentile,
-                                   fallback_percentile=float(fallback) if fallback else self.DEFAULT_PERCENTILE,
+                                   fallback_percentile=self.mapFallbackPercentile(mapNode),
                                    model_version=mapNode.GetAttribute(self.ATTR_MODEL_VERSION) or "")
         except ValueError as e:  # e.g. a percentile outside (0, 100)
             raise anomalyErrors.AnomalySegError(str(e)) from e
@@ -1585,7 +1587,7 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
         ``referenceVolume``. Rows as :meth:`lesionRows`; the maximum anomaly score is
         added when the map is known.
         """
-        from AnomalySegLib.lesions import find_lesions
+        from AnomalySegLib.segmentation.lesions import find_lesions
 
         if isinstance(source, np.ndarray):
             if referenceVolume is None:
@@ -1659,7 +1661,7 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
               finishedCallback=None, profile="auto", overrides=None):
         """Train (and calibrate on held-out healthy volumes) in the worker; register the model.
 
-        ``profile`` (auto | fast | paper, see AnomalySegLib.profiles) gives the settings;
+        ``profile`` (auto | fast | paper, see AnomalySegLib.pipeline.profiles) gives the settings;
         ``auto`` is resolved by the worker against the device it trains on. ``overrides``
         (epochs, image_size, base_width, batch_size, learning_rate, method) replace single
         profile values; ``config`` holds the other TrainConfig fields (device, seed, ...;

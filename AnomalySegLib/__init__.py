@@ -9,7 +9,7 @@ calibration, inference and evaluation.
 
 __version__ = "0.1.0"
 
-#: Version of the model file layout written by :mod:`AnomalySegLib.model_file`.
+#: Version of the model file layout written by :mod:`AnomalySegLib.model.bundle`.
 MODEL_FORMAT_VERSION = 1
 
 __all__ = ["__version__", "MODEL_FORMAT_VERSION"]

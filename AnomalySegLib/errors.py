@@ -13,6 +13,13 @@ class InputError(AnomalySegError):
     """A volume cannot be used: missing, unreadable, not 3D, NaNs, empty brain mask..."""
 
 
+class SettingError(InputError, ValueError):
+    """A setting is outside its range (e.g. a percentile not strictly between 0 and 100).
+
+    Also a ValueError, so code validating plain values can catch it as one.
+    """
+
+
 class ModelFileError(AnomalySegError):
     """A model file is missing, foreign, corrupt, or from a newer/older format version."""
 

@@ -1,18 +1,20 @@
 """Progress reporting and cancellation shared by training, calibration and inference.
 
 Long operations take a ``progress`` callback receiving :class:`ProgressEvent` objects and a
-``cancel`` callback polled between steps. The command line renders events as a text bar,
-the Slicer worker prints them as JSON lines.
+``cancel`` callback polled between steps. The command line renders events as a text bar
+(:class:`TextProgressBar`), the worker sends them as JSON lines (:meth:`ProgressEvent.to_dict`)
+and the Slicer module shows :func:`status_line` of each. Torch-free and numpy-free: the
+Slicer GUI process imports it.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, TextIO
+from typing import Any, Callable, Mapping, Optional, TextIO
 
 from .errors import Cancelled
 
@@ -34,6 +36,13 @@ class ProgressEvent:
     def to_dict(self) -> dict:
         """JSON-able dict with the unset (None) fields dropped."""
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ProgressEvent":
+        """Inverse of :meth:`to_dict`; other keys (a worker line's ``type``) are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        return cls(**{"stage": "", "fraction": 0.0, **values})
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -66,13 +75,32 @@ class EtaEstimator:
         return max(0.0, elapsed * (1.0 - fraction) / fraction)
 
 
-def _format_seconds(seconds: Optional[float]) -> str:
-    if seconds is None or not math.isfinite(seconds):
+def format_seconds(seconds: Optional[float]) -> str:
+    """``mm:ss`` (or ``h:mm:ss``); ``--:--`` when unknown."""
+    if seconds is None or not math.isfinite(float(seconds)):
         return "--:--"
-    seconds = int(round(seconds))
+    seconds = int(round(float(seconds)))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def _loss(event: ProgressEvent) -> Optional[float]:
+    return None if not event.losses or event.losses.get("loss") is None else float(event.losses["loss"])
+
+
+def status_line(event: ProgressEvent) -> str:
+    """One status line: stage, epoch, message, loss, ETA (``Train \u2013 epoch 2/5 \u2013 loss 123.5 \u2013 ETA 01:15``)."""
+    parts = [str(event.stage).capitalize()]
+    if event.epoch is not None and event.epochs:
+        parts.append(f"epoch {event.epoch}/{event.epochs}")
+    if event.message:
+        parts.append(str(event.message))
+    loss = _loss(event)
+    if loss is not None:
+        parts.append(f"loss {loss:.4g}")
+    parts.append(f"ETA {format_seconds(event.eta_s)}")
+    return " \u2013 ".join(p for p in parts if p)
 
 
 class TextProgressBar:
@@ -96,11 +124,10 @@ class TextProgressBar:
         parts = [f"{event.stage:<9}", f"[{bar}]", f"{100 * fraction:5.1f}%"]
         if event.epoch is not None and event.epochs:
             parts.append(f"epoch {event.epoch}/{event.epochs}")
-        if event.losses:
-            loss = event.losses.get("loss")
-            if loss is not None:
-                parts.append(f"loss {loss:.4g}")
-        parts.append(f"ETA {_format_seconds(event.eta_s)}")
+        loss = _loss(event)
+        if loss is not None:
+            parts.append(f"loss {loss:.4g}")
+        parts.append(f"ETA {format_seconds(event.eta_s)}")
         if event.message:
             parts.append(event.message)
         line = " ".join(parts)
@@ -116,13 +143,3 @@ class TextProgressBar:
             self._last_bucket = bucket
         self._last_stage = event.stage
         self.stream.flush()
-
-
-def json_line_emitter(stream: TextIO = sys.stdout) -> ProgressCallback:
-    """A progress callback printing ``{"type": "progress", ...}`` JSON lines (worker protocol)."""
-
-    def _emit(event: ProgressEvent) -> None:
-        stream.write(json.dumps({"type": "progress", **event.to_dict()}) + "\n")
-        stream.flush()
-
-    return _emit

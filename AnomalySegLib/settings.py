@@ -1,9 +1,16 @@
-"""Base class for settings dataclasses stored as JSON in model files and requests."""
+"""Settings: the JSON base class of every settings dataclass, and the shared value rules.
+
+Torch-free and numpy-free: the command line, the Slicer GUI process and the batch script
+validate with it before any heavy import.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Type, TypeVar
+
+from .errors import SettingError
 
 T = TypeVar("T", bound="JsonSettings")
 
@@ -23,3 +30,18 @@ class JsonSettings:
         if unknown:
             raise ValueError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}")
         return cls(**dict(data))
+
+
+def check_percentile(value: Any, name: str = "percentile") -> float:
+    """The one rule for a healthy percentile: a number strictly between 0 and 100.
+
+    Returns it as a float; raises :class:`~AnomalySegLib.errors.SettingError` (named
+    ``name`` in the message) otherwise: 0 would flag every brain voxel, 100 none.
+    """
+    try:
+        pct = float(value)
+    except (TypeError, ValueError):
+        raise SettingError(f"{name} must be a number, got {value!r}") from None
+    if not (math.isfinite(pct) and 0.0 < pct < 100.0):
+        raise SettingError(f"{name} must be between 0 and 100 (exclusive), got {pct:g}")
+    return pct

@@ -68,8 +68,8 @@ def _peak_rss_mb() -> float:
 
 
 def _volumes(cfg: dict):
-    from AnomalySegLib.synthetic import load_template, synthesize_case
-    from AnomalySegLib.volume_io import Volume
+    from AnomalySegLib.data.synthetic import load_template, synthesize_case
+    from AnomalySegLib.io.volume_io import Volume
 
     tpl = load_template("mni152", cfg["resolution"])
     out = []
@@ -87,10 +87,10 @@ def _sync(device) -> None:
 
 
 def _untrained_model(method: str, cfg: dict):
-    from AnomalySegLib.methods import MethodParams
-    from AnomalySegLib.model_file import AnomalyModel
-    from AnomalySegLib.models import ConvVAE, VAEConfig
-    from AnomalySegLib.preprocessing import PreprocessConfig
+    from AnomalySegLib.nn.methods import MethodParams
+    from AnomalySegLib.model.bundle import AnomalyModel
+    from AnomalySegLib.nn.networks import ConvVAE, VAEConfig
+    from AnomalySegLib.data.preprocessing import PreprocessConfig
 
     net_cfg = VAEConfig(image_size=cfg["image_size"], base_width=cfg["width"], latent_dim=cfg["latent_dim"])
     return AnomalyModel(network=ConvVAE(net_cfg).eval(), network_config=net_cfg,
@@ -102,7 +102,7 @@ def measure(kind: str, method: Optional[str], cfg: dict) -> dict:
     """One measurement in this process; returns a JSON-able dict."""
     import torch
 
-    from AnomalySegLib.device import autocast_for, resolve_device
+    from AnomalySegLib.nn.device import autocast_for, resolve_device
 
     torch.manual_seed(0)
     device = resolve_device(cfg["device"])
@@ -117,8 +117,8 @@ def measure(kind: str, method: Optional[str], cfg: dict) -> dict:
     result: dict = {"kind": kind, "method": method, "device": str(device)}
 
     if kind == "train":
-        from AnomalySegLib.preprocessing import PreprocessConfig, prepare_volume
-        from AnomalySegLib.training import TrainConfig, train_model
+        from AnomalySegLib.data.preprocessing import PreprocessConfig, prepare_volume
+        from AnomalySegLib.pipeline.training import TrainConfig, train_model
 
         per_volume = len(prepare_volume(volumes[0], PreprocessConfig(image_size=cfg["image_size"])).images)
         needed = (cfg["train_steps"] + 1) * cfg["batch_size"]
@@ -133,7 +133,7 @@ def measure(kind: str, method: Optional[str], cfg: dict) -> dict:
         result.update(steps_timed=steps, batch_size=cfg["batch_size"],
                       images_per_second=cfg["batch_size"] * steps / (times[-1] - times[0]) if steps > 0 else None)
     elif kind == "score_volume":
-        from AnomalySegLib.inference import score_volume
+        from AnomalySegLib.pipeline.inference import score_volume
 
         model = _untrained_model(method, cfg)
         score_volume(model, volumes[0], device=device, batch_size=cfg["eval_batch_size"])  # warm-up
@@ -147,8 +147,8 @@ def measure(kind: str, method: Optional[str], cfg: dict) -> dict:
         result.update(seconds_per_volume=statistics.median(runs), runs=runs,
                       volume_shape=list(volumes[0].shape))
     elif kind == "network":
-        from AnomalySegLib.methods import anomaly_scores
-        from AnomalySegLib.preprocessing import prepare_volume
+        from AnomalySegLib.nn.methods import anomaly_scores
+        from AnomalySegLib.data.preprocessing import prepare_volume
 
         model = _untrained_model("amcons", cfg)
         net = model.network.to(device).eval()
@@ -277,7 +277,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.output is None:
         p.error("--output is required")
 
-    from AnomalySegLib.evaluation import machine_info
+    from AnomalySegLib.evaluation.machine import machine_info
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from run_benchmark import command_line

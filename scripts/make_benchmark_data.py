@@ -9,7 +9,7 @@ Layout of ``--output-dir``::
     benchmark.json                             file lists, settings and per-case generation metadata
 
 Kinds: bright, dark, small (2-4 small lesions), tumour (core/ring/oedema), low_contrast.
-Lesions are inserted before the bias field and the noise (see AnomalySegLib.synthetic).
+Lesions are inserted before the bias field and the noise (see AnomalySegLib.data.synthetic).
 Every set has its own seeds, so test subjects are never training subjects; the same
 arguments give identical files.
 
@@ -36,13 +36,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
 from AnomalySegLib.errors import AnomalySegError, InputError, OutputError
-from AnomalySegLib.synthetic import (LESION_KINDS, PLACEMENTS, TEMPLATES, cohort_case_seeds, load_template,
+from AnomalySegLib.io.atomic import replacing
+from AnomalySegLib.data.synthetic import (LESION_KINDS, PLACEMENTS, TEMPLATES, cohort_case_seeds, load_template,
                                      make_cohort)
 
 INDEX = "benchmark.json"
@@ -131,9 +131,8 @@ def make_benchmark_data(output_dir: Path, *, n_healthy: int = 40, n_per_kind: in
         if not overwrite:
             raise OutputError(f"{output_dir} already holds benchmark data (use --overwrite to regenerate)")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
     started = time.time()
-    try:
+    with replacing(output_dir, directory=True) as (tmp,):
         index: dict = {
             "generator": "scripts/make_benchmark_data.py", "seed": seed, "resolution_mm": resolution_mm,
             "n_slices": n_slices, "contrast": contrast, "template": "+".join(templates), "templates": templates,
@@ -164,12 +163,6 @@ def make_benchmark_data(output_dir: Path, *, n_healthy: int = 40, n_per_kind: in
             shutil.rmtree(leftover)
         index["seconds"] = round(time.time() - started, 1)
         (tmp / INDEX).write_text(json.dumps(index, indent=1), encoding="utf-8")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)  # our own earlier benchmark data (checked above)
-        os.replace(tmp, output_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return index
 
 

@@ -12,7 +12,7 @@ the anomaly map as the semi-transparent heat-coloured foreground -- with the
 volume and operating point is added with matplotlib.
 
 Without ``--model``/``--input`` a small synthetic case is made first
-(:func:`AnomalySegLib.synthetic.make_cohort`: 8 healthy volumes and one tumour case) and a
+(:func:`AnomalySegLib.data.synthetic.make_cohort`: 8 healthy volumes and one tumour case) and a
 tiny model is trained on it with ``anomalyseg train`` (the default method, 64 px, width 16,
 8 epochs: about 6 minutes on 2 busy CPU cores), the sensitivity is set to healthy p99 (the
 slider; the tiny model's calibrated operating point flags almost nothing) and the views
@@ -58,7 +58,7 @@ def make_demo_case(work: Path, seed: int = 7, epochs: int = 8) -> Tuple[Path, Pa
     """
     import nibabel as nib
 
-    from AnomalySegLib.synthetic import make_cohort
+    from AnomalySegLib.data.synthetic import make_cohort
 
     manifest = make_cohort(work / "cohort", n_healthy=8, n_lesion=1, lesion_kinds=("tumour",), seed=seed)
     case = work / "cohort" / manifest["test"][0]

@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from AnomalySegLib.errors import AnomalySegError, InputError, OutputError
-from AnomalySegLib.methods import DAE_SMOOTHING_MM
+from AnomalySegLib.nn.methods import DAE_SMOOTHING_MM
 
 NETWORK_METHODS = ("amcons", "gradcamcons", "vae", "dae")
 BASELINES = {"intensity": "bright", "intensity-abs": "abs", "intensity-dark": "dark", "intensity-zscore": "zscore"}
@@ -108,11 +108,11 @@ class _TrainTimer:
 def build_method(method: str, train: Sequence[Path], calibration: Sequence[Path], args, seed: int,
                  model_dir: Optional[Path]) -> tuple[Any, dict]:
     """Train (networks) or fit (baselines) ``method``; calibrate on ``calibration``. Returns (scorer, info)."""
-    from AnomalySegLib.preprocessing import PreprocessConfig
+    from AnomalySegLib.data.preprocessing import PreprocessConfig
 
     started = time.perf_counter()
     if method in BASELINES:
-        from AnomalySegLib.baselines import IntensityBaseline
+        from AnomalySegLib.pipeline.baselines import IntensityBaseline
 
         # same smoothing, minimum lesion size and operating-point rule as the default method
         scorer = IntensityBaseline(BASELINES[method], PreprocessConfig(image_size=args.image_size),
@@ -121,9 +121,9 @@ def build_method(method: str, train: Sequence[Path], calibration: Sequence[Path]
         return scorer, {"seconds_fit": round(time.perf_counter() - started, 2),
                         "calibration_volumes": len(calibration), "healthy_median": scorer.healthy_median}
 
-    from AnomalySegLib.calibration import calibrate
+    from AnomalySegLib.pipeline.calibrate import calibrate
     from AnomalySegLib.progress import TextProgressBar
-    from AnomalySegLib.training import TrainConfig, train_model
+    from AnomalySegLib.pipeline.training import TrainConfig, train_model
 
     config = TrainConfig(method=method, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                          image_size=args.image_size, base_width=args.width, latent_dim=args.latent_dim,
@@ -183,9 +183,10 @@ def run_methods(methods: Sequence[str], healthy: Sequence[Path], test_sets: dict
     Without ``calibration`` the healthy volumes are split (seeded) into training and
     held-out calibration volumes with ``args.calibration_fraction``.
     """
-    from AnomalySegLib.evaluation import as_scorer, evaluate_model, example_slice
-    from AnomalySegLib.training import split_volumes
-    from AnomalySegLib.volume_io import read_volume
+    from AnomalySegLib.evaluation.figures import example_slice
+    from AnomalySegLib.evaluation.harness import as_scorer, evaluate_model
+    from AnomalySegLib.pipeline.training import split_volumes
+    from AnomalySegLib.io.volume_io import read_volume
 
     runs: list[dict] = []
     examples: dict[str, dict] = {}  # kind -> {"base": slice dict, "methods": {method: slice}}
@@ -322,7 +323,8 @@ def plot_examples(examples: dict, methods: Sequence[str], path: Path, kind: str)
 def write_benchmark_report(summary: dict, output_dir: Path, examples: Optional[dict] = None,
                            title: str = "AnomalySeg benchmark") -> None:
     """results.json, results.md and the PNG figures of a :func:`run_methods` summary."""
-    from AnomalySegLib.evaluation import _finite_or_none, plot_pr_curves
+    from AnomalySegLib.evaluation.figures import plot_pr_curves
+    from AnomalySegLib.evaluation.metrics import finite_or_none
 
     methods, kinds = summary["methods"], summary["kinds"]
     table = summary["aggregate"]
@@ -394,7 +396,7 @@ def write_benchmark_report(summary: dict, output_dir: Path, examples: Optional[d
               f"latent {cfg['latent_dim']}, batch {cfg['batch_size']}, lr {cfg['lr']}, "
               f"calibration fraction {cfg['calibration_fraction']}.", ""]
     (output_dir / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (output_dir / "results.json").write_text(json.dumps(_finite_or_none(summary), indent=1) + "\n", encoding="utf-8")
+    (output_dir / "results.json").write_text(json.dumps(finite_or_none(summary), indent=1) + "\n", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -424,7 +426,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-models", action="store_true", help="do not keep the trained model files")
     p.add_argument("--method-param", type=_key_value, action="append", metavar="KEY=VALUE",
                    help="override a method parameter of every network, e.g. smoothing_mm=0 or "
-                        "position_normalise=true (repeatable; see AnomalySegLib.methods.MethodParams)")
+                        "position_normalise=true (repeatable; see AnomalySegLib.nn.methods.MethodParams)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no training progress bars")
 
@@ -447,7 +449,7 @@ def command_line(script: str, argv: Optional[Sequence[str]]) -> str:
 
 
 def make_summary(args, methods, kinds, result: dict, data_desc: str, started: float, command: str) -> dict:
-    from AnomalySegLib.evaluation import machine_info
+    from AnomalySegLib.evaluation.machine import machine_info
 
     return {
         "command": command,

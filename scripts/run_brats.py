@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The paper's BraTS experiment for users who have BraTS locally (it is not downloadable here).
 
-1. Build the dataset (AnomalySegLib.brats): 10 central axial FLAIR slices per patient,
+1. Build the dataset (AnomalySegLib.data.brats): 10 central axial FLAIR slices per patient,
    271 / 32 / 32 patients (train / val / test, seeded), lesion-free slices only for
    training, lesion-free slices of the validation patients for calibration.
 2. Train each method on ``data/train``, calibrate it on ``data/val_healthy`` (healthy-only
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run_benchmark lives 
 
 import run_benchmark as rb  # noqa: E402
 
-from AnomalySegLib.brats import PAPER_SLICES, PAPER_SPLIT, prepare_brats_dataset  # noqa: E402
+from AnomalySegLib.data.brats import PAPER_SLICES, PAPER_SPLIT, prepare_brats_dataset  # noqa: E402
 from AnomalySegLib.errors import AnomalySegError, InputError  # noqa: E402
 
 

@@ -62,6 +62,17 @@ def _importModule():
     return module
 
 
+def _percentileType():
+    """The core's ``--percentile`` type (AnomalySegLib.cli.args.percentile: the one percentile rule)."""
+    try:
+        import AnomalySegLib  # noqa: F401 - installed extension
+    except ImportError:
+        sys.path.insert(0, str(REPO_ROOT))  # AnomalySegLib of the checkout
+    from AnomalySegLib.cli.args import percentile
+
+    return percentile
+
+
 def parseArguments(argv):
     """Command line of the batch script."""
     parser = argparse.ArgumentParser(
@@ -70,7 +81,8 @@ def parseArguments(argv):
     parser.add_argument("--input", nargs="+", help="volume files and/or folders of volumes")
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--model", help="model name (AnomalySeg model list) or model file; default: first calibrated")
-    parser.add_argument("--percentile", type=float, help="healthy percentile used as threshold (default: the model's)")
+    parser.add_argument("--percentile", type=_percentileType(),
+                        help="healthy percentile used as threshold (default: the model's)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the network runs")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--install-dependencies", action="store_true",
@@ -79,8 +91,6 @@ def parseArguments(argv):
     args = parser.parse_args(argv)
     if not args.self_test and not args.input:
         parser.error("--input is required (or --self-test)")
-    if args.percentile is not None and not 0.0 < args.percentile < 100.0:
-        parser.error("--percentile must be between 0 and 100")
     return args
 
 
@@ -111,7 +121,7 @@ class ProgressPrinter:
 
 def segmentCase(logic, path, stem, modelPath, args):
     """Segment one case (file or DICOM folder) and write its four outputs; returns the SegmentationResult."""
-    from AnomalySegLib.outputs import write_case_outputs
+    from AnomalySegLib.pipeline.outputs import write_case_outputs
 
     volume, result, worker = logic.segmentFile(path, modelPath, percentile=args.percentile, device=args.device,
                                                progressCallback=ProgressPrinter(stem))
@@ -183,8 +193,8 @@ def main(argv=None, logic=None):
                                  includeTorch=not args.self_test)
         if args.self_test:
             return selfTest(logic, args.output)
-        from AnomalySegLib.outputs import check_outputs_writable
-        from AnomalySegLib.volume_io import find_volumes, volume_stem
+        from AnomalySegLib.pipeline.outputs import check_outputs_writable
+        from AnomalySegLib.io.volume_io import find_volumes, volume_stem
 
         cases = find_volumes(args.input)
         stems = [volume_stem(p) for p in cases]

@@ -6,12 +6,12 @@ Every variant is trained on the healthy volumes of a ``make_benchmark_data.py`` 
 (the seeded 80/20 split of ``run_benchmark.py``: training volumes / held-out calibration
 volumes), calibrated on the held-out healthy volumes only, and evaluated on every lesion
 set and the lesion-free set through the library's harness
-(:func:`AnomalySegLib.evaluation.evaluate_model`; the headline numbers are
+(:func:`AnomalySegLib.evaluation.harness.evaluate_model`; the headline numbers are
 ``run_benchmark.headline``). The intensity-threshold baseline is evaluated the same way.
 
 Variant kinds:
 
-* ``ours``: the library's own training (:func:`AnomalySegLib.training.train_model`) and
+* ``ours``: the library's own training (:func:`AnomalySegLib.pipeline.training.train_model`) and
   inference (``score_prepared`` / ``scores_on_volume_grid`` / ``threshold_scores``) with
   one setting changed (training length, image size, width, attention stage, beta,
   lambda_H, intensity normalisation, ...).
@@ -70,15 +70,16 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run_benchmark as rb  # noqa: E402  (scripts/run_benchmark.py: data index, headline numbers, reporting)
 
-from AnomalySegLib.calibration import Calibration, calibrate_prepared  # noqa: E402
+from AnomalySegLib.pipeline.calibrate import calibrate_prepared  # noqa: E402
+from AnomalySegLib.segmentation.calibration import Calibration  # noqa: E402
 from AnomalySegLib.errors import AnomalySegError, InputError  # noqa: E402
-from AnomalySegLib.geometry import voxel_spacing, voxel_volume_ml  # noqa: E402
-from AnomalySegLib.losses import masked_softmax_entropy  # noqa: E402
-from AnomalySegLib.methods import MethodParams  # noqa: E402
-from AnomalySegLib.models import ConvVAE, VAEConfig  # noqa: E402
-from AnomalySegLib.postprocess import DEFAULT_MAX_FALSE_COMPONENTS, DEFAULT_MIN_COMPONENT_ML  # noqa: E402
-from AnomalySegLib.preprocessing import PreparedVolume, PreprocessConfig, prepare_volume  # noqa: E402
-from AnomalySegLib.volume_io import Volume, read_volume  # noqa: E402
+from AnomalySegLib.io.geometry import voxel_spacing, voxel_volume_ml  # noqa: E402
+from AnomalySegLib.nn.losses import masked_softmax_entropy  # noqa: E402
+from AnomalySegLib.nn.methods import MethodParams  # noqa: E402
+from AnomalySegLib.nn.networks import ConvVAE, VAEConfig  # noqa: E402
+from AnomalySegLib.segmentation.postprocess import DEFAULT_MAX_FALSE_COMPONENTS, DEFAULT_MIN_COMPONENT_ML  # noqa: E402
+from AnomalySegLib.data.preprocessing import PreparedVolume, PreprocessConfig, prepare_volume  # noqa: E402
+from AnomalySegLib.io.volume_io import Volume, read_volume  # noqa: E402
 
 #: Top fraction of healthy scores whose position is analysed, and the boundary band (mm).
 TOP_FRACTION = 0.005
@@ -439,12 +440,12 @@ class LibraryScorer:
         return float(self.model.default_percentile)
 
     def maps(self, prepared: PreparedVolume, batch_size: int = 64) -> np.ndarray:
-        from AnomalySegLib.inference import score_prepared
+        from AnomalySegLib.pipeline.inference import score_prepared
 
         return score_prepared(self.model, prepared, device="cpu", batch_size=batch_size)
 
     def grid_scores(self, prepared: PreparedVolume, volume: Optional[Volume], maps: Optional[np.ndarray] = None):
-        from AnomalySegLib.inference import scores_on_volume_grid
+        from AnomalySegLib.pipeline.inference import scores_on_volume_grid
 
         maps = self.maps(prepared) if maps is None else maps
         return scores_on_volume_grid(maps, prepared, volume, smoothing_mm=self.model.method.smoothing_mm)
@@ -453,7 +454,7 @@ class LibraryScorer:
         return self.grid_scores(self.cache.get(volume, self.preprocessing), volume)
 
     def predict_mask(self, scores: Any, percentile: float) -> tuple[np.ndarray, float]:
-        from AnomalySegLib.inference import threshold_scores
+        from AnomalySegLib.pipeline.inference import threshold_scores
 
         result = threshold_scores(scores, self.model, percentile=percentile)
         return np.asarray(result.mask, dtype=bool), float(result.threshold)
@@ -502,7 +503,7 @@ class AuthorsScorer:
         return out
 
     def grid_scores(self, prepared: PreparedVolume, volume: Optional[Volume], maps: Optional[np.ndarray] = None):
-        from AnomalySegLib.inference import scores_on_volume_grid
+        from AnomalySegLib.pipeline.inference import scores_on_volume_grid
 
         maps = self.maps(prepared) if maps is None else maps
         return scores_on_volume_grid(maps, prepared, volume, smoothing_mm=self.smoothing_mm)
@@ -512,7 +513,7 @@ class AuthorsScorer:
 
     def predict_mask(self, scores: Any, percentile: float) -> tuple[np.ndarray, float]:
         voxel_ml = voxel_volume_ml(scores.volume.affine) if scores.volume is not None else None
-        thr, mask = self.calibration.flag(scores.heatmap, scores.brain_mask, percentile, voxel_ml=voxel_ml)
+        mask, thr = self.calibration.flag(scores.heatmap, scores.brain_mask, percentile, voxel_ml=voxel_ml)
         return mask, thr
 
     def calibrate(self, prepared: Sequence[PreparedVolume]) -> None:
@@ -548,7 +549,7 @@ class BaselineScorer:
         return self.baseline.score_prepared(prepared)
 
     def grid_scores(self, prepared: PreparedVolume, volume: Optional[Volume], maps: Optional[np.ndarray] = None):
-        from AnomalySegLib.inference import scores_on_volume_grid
+        from AnomalySegLib.pipeline.inference import scores_on_volume_grid
 
         maps = self.maps(prepared) if maps is None else maps
         return scores_on_volume_grid(maps, prepared, volume, smoothing_mm=self.baseline.smoothing_mm)
@@ -619,18 +620,18 @@ def healthy_map_analysis(scorer: Any, cal: Sequence[tuple[Volume, PreparedVolume
 
 def _slice_dict(volume: Volume, heatmap: np.ndarray, pred: Optional[np.ndarray], truth: np.ndarray,
                 k: Optional[int] = None, top: Optional[np.ndarray] = None) -> dict:
-    from AnomalySegLib.evaluation import _canonical, example_slice
+    from AnomalySegLib.evaluation.figures import canonical_ras, example_slice
 
     sl = example_slice(volume, heatmap, pred, truth, k)
     if top is not None:
-        sl["top"] = _canonical(top.astype(np.uint8), np.asarray(volume.affine))[:, :, sl["slice"]]
+        sl["top"] = canonical_ras(top.astype(np.uint8), np.asarray(volume.affine))[:, :, sl["slice"]]
     return sl
 
 
 def evaluate_variant(scorer: Any, variant: Variant, seed: int, data: dict, kinds: Sequence[str], cal, args,
                      examples_dir: Optional[Path]) -> dict:
     """Harness evaluation on every kind + lesion-free set + healthy-map analysis; examples for the first seed."""
-    from AnomalySegLib.evaluation import evaluate_model
+    from AnomalySegLib.evaluation.harness import evaluate_model
 
     started = time.perf_counter()
     entry: dict = {"variant": variant.name, "seed": seed, "kinds": {}}
@@ -655,9 +656,9 @@ def evaluate_variant(scorer: Any, variant: Variant, seed: int, data: dict, kinds
     if first and examples_dir is not None:
         g = extra["grids"][0]
         pred, _ = scorer.predict_mask(g, scorer.default_percentile)
-        from AnomalySegLib.evaluation import _canonical
+        from AnomalySegLib.evaluation.figures import canonical_ras
 
-        bc = _canonical(g.brain_mask.astype(np.uint8), np.asarray(g.volume.affine))
+        bc = canonical_ras(g.brain_mask.astype(np.uint8), np.asarray(g.volume.affine))
         k = int(np.argmax(bc.reshape(-1, bc.shape[2]).sum(axis=0)))
         examples["healthy"] = _slice_dict(g.volume, g.heatmap, pred, np.zeros_like(g.brain_mask), k=k,
                                           top=extra["tops"][0])
@@ -690,7 +691,7 @@ def load_examples(path: Path) -> dict:
 
 
 def _train_config(variant: Variant, seed: int, args):
-    from AnomalySegLib.training import TrainConfig
+    from AnomalySegLib.pipeline.training import TrainConfig
 
     return TrainConfig(
         method=variant.method, epochs=max(1, int(round(args.epochs * variant.epochs_factor))),
@@ -708,7 +709,7 @@ def build_trained(variant: Variant, seed: int, train_paths, cal_prepared_for, tr
     """Train ``variant`` (ours / reference) or fit it (baseline). Returns (scorer, build info, handle for derived)."""
     started = time.perf_counter()
     if variant.kind == "baseline":
-        from AnomalySegLib.baselines import IntensityBaseline
+        from AnomalySegLib.pipeline.baselines import IntensityBaseline
 
         prep = PreprocessConfig(image_size=args.image_size)
         base = IntensityBaseline("bright", prep, smoothing_mm=variant.smoothing_mm)
@@ -716,7 +717,7 @@ def build_trained(variant: Variant, seed: int, train_paths, cal_prepared_for, tr
         base.fit(cal_vols, reference=None)
         return BaselineScorer(base, cache, variant.name), {"seconds_fit": round(time.perf_counter() - started, 1)}, None
     if variant.kind == "ours":
-        from AnomalySegLib.training import train_model
+        from AnomalySegLib.pipeline.training import train_model
 
         config = _train_config(variant, seed, args)
         model = train_model(list(train_paths), config)
@@ -757,7 +758,7 @@ def _fit_position_stats(model: Any, train_prepared_for) -> None:
     """Healthy per-position statistics on the training volumes when the method asks for them."""
     if not model.method.position_normalise:
         return
-    from AnomalySegLib.training import fit_position_stats
+    from AnomalySegLib.pipeline.training import fit_position_stats
 
     fitted = fit_position_stats(model, [p for _, p in train_prepared_for(model.preprocessing)], device="cpu")
     if isinstance(fitted, tuple):  # (map statistics, intensity statistics) in newer library versions
@@ -771,7 +772,7 @@ def _fit_position_stats(model: Any, train_prepared_for) -> None:
 def build_derived(variant: Variant, base_variant: Variant, handle: Any, cal_prepared_for, train_prepared_for, cache,
                   args) -> tuple[Any, dict]:
     """A scorer from the trained network of ``base_variant`` (no training)."""
-    from AnomalySegLib.model_file import AnomalyModel
+    from AnomalySegLib.model.bundle import AnomalyModel
 
     started = time.perf_counter()
     inf = dict(variant.inference)
@@ -808,7 +809,7 @@ def build_derived(variant: Variant, base_variant: Variant, handle: Any, cal_prep
 def run_study(variants: Sequence[Variant], data: dict, kinds: Sequence[str], args, output_dir: Path,
               state: dict, on_update) -> dict:
     """Train/evaluate every (variant, seed); ``state['entries']`` accumulates results (resumable)."""
-    from AnomalySegLib.training import split_volumes
+    from AnomalySegLib.pipeline.training import split_volumes
 
     by_name = {v.name: v for v in variants}
     done = {(e["variant"], e["seed"]) for e in state["entries"]}
@@ -906,7 +907,7 @@ def aggregate_entries(entries: Sequence[dict], variants: Sequence[str], kinds: S
 
 def write_report(state: dict, variants: Sequence[Variant], kinds: Sequence[str], output_dir: Path,
                  figures: bool = True) -> None:
-    from AnomalySegLib.evaluation import _finite_or_none
+    from AnomalySegLib.evaluation.metrics import finite_or_none
 
     names = [v.name for v in variants]
     table = aggregate_entries(state["entries"], names, kinds)
@@ -984,7 +985,7 @@ def write_report(state: dict, variants: Sequence[Variant], kinds: Sequence[str],
         lines += [f"![{f}]({f})" for f in state["figures"]]
     (output_dir / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     saved = {k: v for k, v in state.items() if k != "report_only"}
-    (output_dir / "results.json").write_text(json.dumps(_finite_or_none(saved), indent=1) + "\n", encoding="utf-8")
+    (output_dir / "results.json").write_text(json.dumps(finite_or_none(saved), indent=1) + "\n", encoding="utf-8")
 
 
 MAIN_FIGURE = ("intensity", "amcons", "amcons+posnorm", "reference", "reference+library-inference",
@@ -1123,7 +1124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         unknown = [k for k in kinds if k not in data["test_sets"]]
         if unknown:
             raise InputError(f"lesion set(s) not in {args.data}: {', '.join(unknown)}")
-        from AnomalySegLib.evaluation import machine_info
+        from AnomalySegLib.evaluation.machine import machine_info
 
         entries: list = []
         if args.resume and (out / "results.json").exists():

@@ -4,7 +4,7 @@
 Smoothing, position normalisation and intensity fusion act after the network, so one
 trained model (e.g. ``models/dae_seed0.pt`` written by ``scripts/run_benchmark.py``) is
 re-calibrated and re-evaluated under each variant without retraining. Each variant is
-``NAME:KEY=VALUE,KEY=VALUE`` over :class:`~AnomalySegLib.methods.MethodParams` fields
+``NAME:KEY=VALUE,KEY=VALUE`` over :class:`~AnomalySegLib.nn.methods.MethodParams` fields
 (``smoothing_mm``, ``position_normalise``, ``fuse_intensity``); position statistics are
 fitted on the same training volumes as the model, the operating point on the same
 held-out healthy volumes (seeded 80/20 split of the benchmark's healthy cohort, as in
@@ -56,13 +56,13 @@ def parse_variant(text: str) -> tuple[str, dict]:
 def evaluate_variant(model, overrides: dict, train, cal, data: dict, device: str,
                      baseline_cache: Optional[dict] = None, baselines: Sequence[str] = ("intensity",)) -> dict:
     """Apply ``overrides`` to a copy of ``model``, refit its statistics and calibration, evaluate."""
-    from AnomalySegLib.baselines import IntensityBaseline
-    from AnomalySegLib.calibration import calibrate
-    from AnomalySegLib.evaluation import evaluate_model
-    from AnomalySegLib.methods import MethodParams
-    from AnomalySegLib.preprocessing import prepare_volume
-    from AnomalySegLib.training import fit_position_stats
-    from AnomalySegLib.volume_io import read_volume
+    from AnomalySegLib.pipeline.baselines import IntensityBaseline
+    from AnomalySegLib.pipeline.calibrate import calibrate
+    from AnomalySegLib.evaluation.harness import evaluate_model
+    from AnomalySegLib.nn.methods import MethodParams
+    from AnomalySegLib.data.preprocessing import prepare_volume
+    from AnomalySegLib.pipeline.training import fit_position_stats
+    from AnomalySegLib.io.volume_io import read_volume
 
     variant = copy.copy(model)
     variant.method = MethodParams.from_dict({**model.method.to_dict(), **overrides})
@@ -136,9 +136,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     try:
-        from AnomalySegLib.evaluation import machine_info
-        from AnomalySegLib.model_file import load_model
-        from AnomalySegLib.training import split_volumes
+        from AnomalySegLib.evaluation.machine import machine_info
+        from AnomalySegLib.model.bundle import load_model
+        from AnomalySegLib.pipeline.training import split_volumes
 
         started = time.time()
         data = bench.load_benchmark_data(args.data)

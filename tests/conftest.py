@@ -116,7 +116,7 @@ SESSION_TRAINING = dict(method="amcons", epochs=30, batch_size=32, learning_rate
 @pytest.fixture(scope="session")
 def synthetic_cohort(tmp_path_factory):
     """Healthy training volumes and lesion test volumes (FLAIR-like, 2 mm, 32 central slices)."""
-    from AnomalySegLib.synthetic import make_cohort
+    from AnomalySegLib.data.synthetic import make_cohort
 
     root = tmp_path_factory.mktemp("cohort")
     manifest = make_cohort(root, n_healthy=12, n_lesion=2, lesion_kinds=("tumour", "bright"),
@@ -132,7 +132,7 @@ def synthetic_cohort(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def healthy_volumes(synthetic_cohort):
-    from AnomalySegLib.volume_io import read_volume
+    from AnomalySegLib.io.volume_io import read_volume
 
     return [read_volume(p) for p in synthetic_cohort["healthy"]]
 
@@ -140,7 +140,7 @@ def healthy_volumes(synthetic_cohort):
 @pytest.fixture(scope="session")
 def trained_model_path(synthetic_cohort, tmp_path_factory):
     """A calibrated AMCons model trained on the session cohort by ``anomalyseg train``."""
-    from AnomalySegLib.cli import main
+    from AnomalySegLib.cli.commands import main
 
     path = tmp_path_factory.mktemp("model") / "session_model.pt"
     t = SESSION_TRAINING
@@ -155,6 +155,6 @@ def trained_model_path(synthetic_cohort, tmp_path_factory):
 @pytest.fixture()
 def tiny_model(trained_model_path):
     """A fresh in-memory copy of the session model (tests may modify it)."""
-    from AnomalySegLib.model_file import load_model
+    from AnomalySegLib.model.bundle import load_model
 
     return load_model(trained_model_path)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from AnomalySegLib.attention import activation_map, grad_cam, minmax_normalise, upsample
-from AnomalySegLib.models import ConvVAE, VAEConfig
+from AnomalySegLib.nn.attention import activation_map, grad_cam, minmax_normalise, upsample
+from AnomalySegLib.nn.networks import ConvVAE, VAEConfig
 
 
 def _model(stage: int = 1) -> ConvVAE:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from AnomalySegLib import evaluation as ev
-from AnomalySegLib.baselines import IntensityBaseline
+from AnomalySegLib.evaluation import harness as ev
+from AnomalySegLib.pipeline.baselines import IntensityBaseline
 from AnomalySegLib.errors import InputError
-from AnomalySegLib.preprocessing import PreprocessConfig, prepare_volume, to_volume_grid
-from AnomalySegLib.synthetic import load_template, synthesize_case
-from AnomalySegLib.volume_io import Volume
+from AnomalySegLib.data.preprocessing import PreprocessConfig, prepare_volume, to_volume_grid
+from AnomalySegLib.data.synthetic import load_template, synthesize_case
+from AnomalySegLib.io.volume_io import Volume
 
 CFG = PreprocessConfig(image_size=64)
 
@@ -83,8 +83,8 @@ def test_predict_mask_rule_and_round_trip(cohort):
     mask, thr = base.predict_mask(scores, 97.0)
     assert thr == pytest.approx(base.calibration.threshold(97.0))
     # the one rule: brain voxels above the threshold, minus blobs under the minimum lesion volume
-    from AnomalySegLib.geometry import voxel_volume_ml
-    from AnomalySegLib.postprocess import min_component_voxels, remove_small_components
+    from AnomalySegLib.io.geometry import voxel_volume_ml
+    from AnomalySegLib.segmentation.postprocess import min_component_voxels, remove_small_components
 
     raw = (scores.heatmap > thr) & scores.brain_mask
     min_voxels = min_component_voxels(base.calibration.min_component_ml, voxel_volume_ml(lesion.affine))
@@ -129,7 +129,7 @@ def test_baseline_through_the_harness(cohort, tmp_path):
 
 
 def test_zscore_baseline_is_the_position_normalised_intensity(cohort):
-    from AnomalySegLib.position_stats import PositionStats
+    from AnomalySegLib.model.position_stats import PositionStats
 
     healthy, (lesion, label), (dark, dark_label) = cohort
     base = IntensityBaseline("zscore", CFG).fit(healthy[:1], reference=healthy[1:])

@@ -24,7 +24,7 @@ def _script(name: str):
 
 def _bench_templates() -> list[str]:
     """Both anatomies (the default) where Debian's mricron-data provides Colin27, else MNI152 alone."""
-    from AnomalySegLib import synthetic
+    from AnomalySegLib.data import synthetic
 
     return list(synthetic.TEMPLATES) if synthetic._COLIN27_FILE.is_file() else ["mni152"]
 
@@ -96,11 +96,11 @@ def test_make_benchmark_data_eval_seed_disjoint_from_dev_seed(tmp_path, capsys):
 
 
 def test_run_benchmark_smoke(bench_data, tmp_path):
-    from AnomalySegLib.baselines import IntensityBaseline
-    from AnomalySegLib.evaluation import evaluate_model
-    from AnomalySegLib.model_file import load_model
-    from AnomalySegLib.preprocessing import PreprocessConfig
-    from AnomalySegLib.training import split_volumes
+    from AnomalySegLib.pipeline.baselines import IntensityBaseline
+    from AnomalySegLib.evaluation.harness import evaluate_model
+    from AnomalySegLib.model.bundle import load_model
+    from AnomalySegLib.data.preprocessing import PreprocessConfig
+    from AnomalySegLib.pipeline.training import split_volumes
 
     out = tmp_path / "out"
     bench = _script("run_benchmark")
@@ -125,7 +125,7 @@ def test_run_benchmark_smoke(bench_data, tmp_path):
     index = json.loads((bench_data / "benchmark.json").read_text())
     healthy = [bench_data / p for p in index["healthy"]]
     train_idx, cal_idx = split_volumes(len(healthy), 0.2, 0)
-    from AnomalySegLib.methods import DAE_SMOOTHING_MM
+    from AnomalySegLib.nn.methods import DAE_SMOOTHING_MM
 
     # the benchmark gives baselines the default method's post-processing (smoothing)
     base = IntensityBaseline("bright", PreprocessConfig(image_size=32), smoothing_mm=DAE_SMOOTHING_MM).fit(
@@ -183,7 +183,7 @@ def test_run_brats_on_brats_layout(tmp_path):
     k = res["aggregate"]["amcons"]["kinds"]["brats_test"]
     assert k["n_volumes"] == 1 and k["n_lesions"] == 1
     # calibrated on the validation patient's lesion-free slices only
-    from AnomalySegLib.model_file import load_model
+    from AnomalySegLib.model.bundle import load_model
 
     model = load_model(out / "models" / "amcons_seed0.pt")
     val_case = manifest["split"]["val"][0]

@@ -8,9 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from AnomalySegLib import brats
+from AnomalySegLib.data import brats
 from AnomalySegLib.errors import InputError, OutputError
-from AnomalySegLib.volume_io import Volume, read_volume
+from AnomalySegLib.io.volume_io import Volume, read_volume
 
 SHAPE = (40, 36, 30)
 # BraTS-like grid: i runs Left->Right reversed (x flipped), j flipped, k superior.

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from AnomalySegLib.calibration import TABLE_PERCENTILES, Calibration, calibrate_prepared
+from AnomalySegLib.pipeline.calibrate import calibrate_prepared
+from AnomalySegLib.segmentation.calibration import TABLE_PERCENTILES, Calibration
 from AnomalySegLib.errors import InputError
 
 
@@ -45,8 +46,8 @@ def test_round_trip_and_validation():
 
 
 def test_calibrate_prepared_uses_brain_voxels_of_the_thresholded_map(tiny_model, healthy_volumes):
-    from AnomalySegLib.inference import score_volume, threshold_scores
-    from AnomalySegLib.preprocessing import prepare_volume
+    from AnomalySegLib.pipeline.inference import score_volume, threshold_scores
+    from AnomalySegLib.data.preprocessing import prepare_volume
 
     volumes = healthy_volumes[:2]
     prepared = [prepare_volume(v, tiny_model.preprocessing) for v in volumes]

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from AnomalySegLib.cli import main
+from AnomalySegLib.cli.commands import main
 
 
 def run_cli(args, capsys):
@@ -147,8 +147,8 @@ def test_calibrate_updates_threshold_and_percentile(tiny_model, synthetic_cohort
     assert code == 0 and "p99" in out
     # three healthy volumes are too few for a trustworthy operating point: the user is told
     assert "warning: the operating point was chosen on only 3 healthy volume(s)" in err
-    from AnomalySegLib.calibration import calibrate
-    from AnomalySegLib.model_file import load_model
+    from AnomalySegLib.pipeline.calibrate import calibrate
+    from AnomalySegLib.model.bundle import load_model
 
     updated = load_model(path)
     assert updated.method.default_percentile == 99.0

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from AnomalySegLib.demo import run_demo
+from AnomalySegLib.cli.demo import run_demo
 from AnomalySegLib.errors import OutputError
 
 TINY = dict(n_healthy=4, n_lesion=1, lesion_kinds=("tumour",), n_lesion_free_test=1, n_slices=12,

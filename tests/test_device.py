@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from AnomalySegLib.device import autocast_for, resolve_device
+from AnomalySegLib.nn.device import autocast_for, resolve_device
 from AnomalySegLib.errors import AnomalySegError
 
 

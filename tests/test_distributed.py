@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from AnomalySegLib.model_file import load_model
+from AnomalySegLib.model.bundle import load_model
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),

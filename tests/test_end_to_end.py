@@ -12,12 +12,12 @@ import pytest
 import slicerio
 from scipy import ndimage
 
-from AnomalySegLib.cli import main
-from AnomalySegLib.evaluation import auroc
-from AnomalySegLib.model_file import load_model
-from AnomalySegLib.synthetic import LesionSpec, load_template, synthesize_case
-from AnomalySegLib.postprocess import min_component_voxels, remove_small_components
-from AnomalySegLib.geometry import voxel_volume_ml
+from AnomalySegLib.cli.commands import main
+from AnomalySegLib.evaluation.metrics import auroc
+from AnomalySegLib.model.bundle import load_model
+from AnomalySegLib.data.synthetic import LesionSpec, load_template, synthesize_case
+from AnomalySegLib.segmentation.postprocess import min_component_voxels, remove_small_components
+from AnomalySegLib.io.geometry import voxel_volume_ml
 
 
 OBVIOUS_SEEDS = (101, 102, 103)

@@ -10,7 +10,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from AnomalySegLib import evaluation as ev
+from AnomalySegLib.evaluation import harness as ev_harness
+from AnomalySegLib.evaluation import labels as ev_labels
+from AnomalySegLib.evaluation import metrics as ev
+from AnomalySegLib.evaluation import report as ev_report
 from AnomalySegLib.errors import InputError, OutputError
 
 # scores / labels with a tie (0.8) across classes; values worked out by hand below.
@@ -130,18 +133,18 @@ def test_pooled_scores_exact_and_subsampled():
 def test_mean_std_and_json_cleaning():
     assert ev.mean_std([1.0, 3.0, float("nan")]) == {"mean": 2.0, "std": 1.0, "n": 2}
     assert ev.mean_std([]) == {"mean": None, "std": None, "n": 0}
-    cleaned = ev._finite_or_none({"a": np.float32(1.5), "b": [float("inf"), np.int64(2)], "c": np.bool_(True)})
+    cleaned = ev.finite_or_none({"a": np.float32(1.5), "b": [float("inf"), np.int64(2)], "c": np.bool_(True)})
     assert cleaned == {"a": 1.5, "b": [None, 2], "c": True}
 
 
 def test_label_file_naming(tmp_path):
-    assert ev.is_label_file("case1_label.nii.gz")
-    assert not ev.is_label_file("case1.nii.gz")
-    assert ev.is_label_file("case1_seg.nii", "{name}_seg.nii")
+    assert ev_labels.is_label_file("case1_label.nii.gz")
+    assert not ev_labels.is_label_file("case1.nii.gz")
+    assert ev_labels.is_label_file("case1_seg.nii", "{name}_seg.nii")
     (tmp_path / "case1.nii.gz").write_bytes(b"")
-    assert ev.find_label(tmp_path / "case1.nii.gz") is None
+    assert ev_labels.find_label(tmp_path / "case1.nii.gz") is None
     (tmp_path / "case1_label.nii.gz").write_bytes(b"")
-    assert ev.find_label(tmp_path / "case1.nii.gz") == tmp_path / "case1_label.nii.gz"
+    assert ev_labels.find_label(tmp_path / "case1.nii.gz") == tmp_path / "case1_label.nii.gz"
 
 
 # ----------------------------------------------------------------------------- harness
@@ -157,7 +160,7 @@ class FakeScorer:
     default_percentile = 90.0
 
     def __init__(self):
-        from AnomalySegLib.calibration import Calibration
+        from AnomalySegLib.segmentation.calibration import Calibration
 
         self.calibration = Calibration.from_scores(np.linspace(0, 1, 1001), n_images=1, n_volumes=1)
 
@@ -200,7 +203,7 @@ def fake_set(tmp_path):
 
 def test_evaluate_model_numbers_match_independent_computation(fake_set, tmp_path):
     out = tmp_path / "report"
-    res = ev.evaluate_model(FakeScorer(), fake_set.images, fake_set.labels, output_dir=out, percentile=90.0)
+    res = ev_harness.evaluate_model(FakeScorer(), fake_set.images, fake_set.labels, output_dir=out, percentile=90.0)
     brain = np.zeros((10, 9, 6), bool)
     brain[1:-1, 1:-1, :] = True
     s = np.concatenate([d.astype(np.float32)[brain] for d in fake_set.datas])
@@ -243,39 +246,40 @@ def test_evaluate_model_numbers_match_independent_computation(fake_set, tmp_path
     assert sorted(p.name for p in out.glob("overlay_*.png")) == ["overlay_case0.png", "overlay_case1.png",
                                                                  "overlay_case2.png"]
     with pytest.raises(OutputError):
-        ev.evaluate_model(FakeScorer(), fake_set.images, fake_set.labels, output_dir=out)
+        ev_harness.evaluate_model(FakeScorer(), fake_set.images, fake_set.labels, output_dir=out)
 
 
 def test_evaluate_model_rejects_misaligned_labels(fake_set):
     bad = _write(fake_set.tmp / "bad_label.nii.gz", np.zeros((10, 9, 5)))
     with pytest.raises(InputError):
-        ev.evaluate_model(FakeScorer(), fake_set.images[:1], [bad])
+        ev_harness.evaluate_model(FakeScorer(), fake_set.images[:1], [bad])
     shifted = fake_set.tmp / "shift_label.nii.gz"
     aff = AFF.copy()
     aff[0, 3] = 5.0
     nib.save(nib.Nifti1Image(np.zeros((10, 9, 6), np.float32), aff), str(shifted))
     with pytest.raises(InputError):
-        ev.evaluate_model(FakeScorer(), fake_set.images[:1], [shifted])
+        ev_harness.evaluate_model(FakeScorer(), fake_set.images[:1], [shifted])
 
 
 def test_uncalibrated_scorer_reports_threshold_free_metrics(fake_set):
     scorer = FakeScorer()
     scorer.calibration = None
-    res = ev.evaluate_model(scorer, fake_set.images[:3], fake_set.labels[:3])
+    res = ev_harness.evaluate_model(scorer, fake_set.images[:3], fake_set.labels[:3])
     assert res["calibrated"] is False and res["threshold"] is None
     assert res["pooled"]["auprc"] is not None and "dice_calibrated" not in res["pooled"]
     assert res["detection"]["detection_rate"] is None
-    paths = ev.write_report(res, fake_set.tmp / "later")
+    paths = ev_report.write_report(res, fake_set.tmp / "later")
     assert json.loads(paths["json"].read_text())["calibrated"] is False
     assert "not calibrated" in paths["markdown"].read_text() and paths["pr_curve"].stat().st_size > 0
 
 
 def test_evaluate_cli_with_a_trained_model(tmp_path, capsys):
     """`anomalyseg evaluate` on a tiny trained model agrees with segment's mask and the API."""
-    from AnomalySegLib import cli, inference
-    from AnomalySegLib.synthetic import make_cohort
-    from AnomalySegLib.training import TrainConfig, train_model
-    from AnomalySegLib.volume_io import read_volume
+    from AnomalySegLib.cli import commands as cli
+    from AnomalySegLib.pipeline import inference
+    from AnomalySegLib.data.synthetic import make_cohort
+    from AnomalySegLib.pipeline.training import TrainConfig, train_model
+    from AnomalySegLib.io.volume_io import read_volume
 
     make_cohort(tmp_path / "c", n_healthy=3, n_lesion=2, lesion_kinds=["bright"], n_lesion_free_test=1,
                 resolution_mm=4.0, n_slices=6)
@@ -296,7 +300,7 @@ def test_evaluate_cli_with_a_trained_model(tmp_path, capsys):
     assert saved["machine"]["torch"] and saved["method"] == "amcons"
     # the API on the model file gives the same numbers
     images = sorted(p for p in test.glob("lesion_*.nii.gz") if "_label" not in p.name)
-    api = ev.evaluate_model(str(tmp_path / "m.pt"), images, [ev.find_label(p) for p in images], device="cpu")
+    api = ev_harness.evaluate_model(str(tmp_path / "m.pt"), images, [ev_labels.find_label(p) for p in images], device="cpu")
     assert api["pooled"]["auprc"] == pytest.approx(saved["pooled"]["auprc"])
     assert api["model_version"] == model.version == saved["model_version"]
     # the calibrated mask is segment's mask

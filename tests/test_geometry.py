@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from AnomalySegLib.geometry import (
+from AnomalySegLib.io.geometry import (
     LPS_TO_RAS,
     affine_from_itk,
     canonical_reorientation,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from AnomalySegLib.lesions import find_lesions
+from AnomalySegLib.segmentation.lesions import find_lesions
 
 
 def test_components_volumes_and_centroids_anisotropic():

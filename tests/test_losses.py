@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from AnomalySegLib.losses import (
+from AnomalySegLib.nn.losses import (
     bce_reconstruction,
     extended_log_barrier,
     kl_divergence,

@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from AnomalySegLib.attention import activation_map, upsample
-from AnomalySegLib.losses import bce_reconstruction, kl_divergence
-from AnomalySegLib.methods import (
+from AnomalySegLib.nn.attention import activation_map, upsample
+from AnomalySegLib.nn.losses import bce_reconstruction, kl_divergence
+from AnomalySegLib.nn.methods import (
     ARCHITECTURE_OF,
     METHODS,
     MethodParams,
@@ -19,7 +19,7 @@ from AnomalySegLib.methods import (
     erode_mask,
     training_loss,
 )
-from AnomalySegLib.models import ConvVAE, VAEConfig, build_network
+from AnomalySegLib.nn.networks import ConvVAE, VAEConfig, build_network
 
 S = 32
 

@@ -9,7 +9,8 @@ import torch
 
 from AnomalySegLib import MODEL_FORMAT_VERSION
 from AnomalySegLib.errors import ModelFileError
-from AnomalySegLib.model_file import FORMAT_NAME, load_model, read_payload
+from AnomalySegLib.model.archive import FORMAT_NAME, read_payload
+from AnomalySegLib.model.bundle import load_model
 
 
 def test_round_trip_preserves_everything(tiny_model, tmp_path):

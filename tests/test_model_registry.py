@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from AnomalySegLib import model_registry
+from AnomalySegLib.model import registry as model_registry
 from AnomalySegLib.errors import InputError, ModelFileError, OutputError
-from AnomalySegLib.model_registry import ModelRegistry, default_model_dir, file_sha256, safe_model_name
+from AnomalySegLib.model.registry import ModelRegistry, default_model_dir, file_sha256, safe_model_name
 
 torch = pytest.importorskip("torch")
 
@@ -18,11 +18,11 @@ def _tiny_model_file(path: Path, *, seed: int, calibrated: bool):
     """A valid model file (random 32 px AMCons network); calibration from a synthetic score table."""
     import numpy as np
 
-    from AnomalySegLib.calibration import Calibration
-    from AnomalySegLib.methods import MethodParams
-    from AnomalySegLib.model_file import AnomalyModel
-    from AnomalySegLib.models import ConvVAE, VAEConfig
-    from AnomalySegLib.preprocessing import PreprocessConfig
+    from AnomalySegLib.segmentation.calibration import Calibration
+    from AnomalySegLib.nn.methods import MethodParams
+    from AnomalySegLib.model.bundle import AnomalyModel
+    from AnomalySegLib.nn.networks import ConvVAE, VAEConfig
+    from AnomalySegLib.data.preprocessing import PreprocessConfig
 
     torch.manual_seed(seed)
     config = VAEConfig(image_size=32, base_width=4, latent_dim=8)

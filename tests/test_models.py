@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from AnomalySegLib.models import ConvVAE, VAEConfig, VAEOutput
+from AnomalySegLib.nn.networks import ConvVAE, VAEConfig, VAEOutput
 
 
 def _tiny(**kw) -> ConvVAE:

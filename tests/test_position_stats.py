@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from AnomalySegLib.position_stats import PositionStats, slice_positions
+from AnomalySegLib.model.position_stats import PositionStats, slice_positions
 
 
 def test_slice_positions_span_zero_to_one():
@@ -59,11 +59,11 @@ def test_round_trip_and_validation():
 
 
 def test_dae_model_with_position_stats_round_trips_and_normalises_scores(tmp_path, healthy_volumes):
-    from AnomalySegLib.inference import score_prepared
-    from AnomalySegLib.methods import MethodParams
-    from AnomalySegLib.model_file import AnomalyModel, load_model
-    from AnomalySegLib.models import VAEConfig, build_network
-    from AnomalySegLib.preprocessing import PreprocessConfig, prepare_volume
+    from AnomalySegLib.pipeline.inference import score_prepared
+    from AnomalySegLib.nn.methods import MethodParams
+    from AnomalySegLib.model.bundle import AnomalyModel, load_model
+    from AnomalySegLib.nn.networks import VAEConfig, build_network
+    from AnomalySegLib.data.preprocessing import PreprocessConfig, prepare_volume
 
     torch.manual_seed(0)
     config = VAEConfig(image_size=32, base_width=4, architecture="unet")

@@ -3,16 +3,16 @@
 import numpy as np
 import pytest
 
-from AnomalySegLib.calibration import Calibration
-from AnomalySegLib.postprocess import (
+from AnomalySegLib.segmentation.calibration import Calibration
+from AnomalySegLib.segmentation.postprocess import (
     count_components,
     min_component_voxels,
     remove_small_components,
-    segment_heatmap,
     select_operating_percentile,
     smooth_in_mask,
     threshold_mask,
 )
+from AnomalySegLib.segmentation.segment import segment_heatmap
 
 
 def test_min_component_voxels_in_physical_units():
@@ -119,7 +119,7 @@ def test_calibration_operating_point_round_trip_and_flag():
     assert cal.operating_percentile is not None and cal.operating_percentile >= 98.0
     assert cal.false_components_per_volume <= 1.0
     # what the calibration reports is what flagging its own volumes gives
-    counts = [count_components(cal.flag(h, b, cal.operating_percentile, voxel_ml=v)[1]) for h, b, v in maps]
+    counts = [count_components(cal.flag(h, b, cal.operating_percentile, voxel_ml=v)[0]) for h, b, v in maps]
     assert np.mean(counts) == pytest.approx(cal.false_components_per_volume)
     back = Calibration.from_dict(cal.to_dict())
     assert (back.operating_percentile, back.min_component_ml, back.max_false_components,
@@ -133,7 +133,7 @@ def test_calibration_operating_point_round_trip_and_flag():
     legacy = Calibration.from_dict(old)
     assert legacy.operating_percentile is None and legacy.min_component_ml == 0.0
     assert legacy.default_percentile(95.0) == 95.0
-    thr, mask = legacy.flag(maps[0][0], maps[0][1], 98.0)
+    mask, thr = legacy.flag(maps[0][0], maps[0][1], 98.0)
     assert mask.sum() == (maps[0][0] > thr).sum()
     bad = cal.to_dict()
     bad["values"][-1] = float("nan")
@@ -167,6 +167,6 @@ def test_thresholding_path_needs_neither_torch_nor_nibabel():
     import subprocess
     import sys
 
-    code = ("import sys; import AnomalySegLib.calibration, AnomalySegLib.postprocess, AnomalySegLib.lesions; "
+    code = ("import sys; import AnomalySegLib.segmentation.calibration, AnomalySegLib.segmentation.postprocess, AnomalySegLib.segmentation.lesions, AnomalySegLib.segmentation.segment; "
             "bad = [m for m in ('torch', 'nibabel') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

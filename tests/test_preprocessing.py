@@ -7,14 +7,14 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from AnomalySegLib.errors import InputError
-from AnomalySegLib.preprocessing import (
+from AnomalySegLib.data.preprocessing import (
     PreprocessConfig,
     brain_mask_in_volume,
     pixel_to_ras,
     prepare_volume,
     to_volume_grid,
 )
-from AnomalySegLib.volume_io import Volume, read_volume
+from AnomalySegLib.io.volume_io import Volume, read_volume
 from conftest import synthetic_head
 
 S = 64
@@ -248,7 +248,7 @@ def _disk_image(size=64, radius=20, value=100.0, hole_radius=6, hole_value=5.0, 
 
 
 def test_tissue_mask_covers_disk_including_dark_hole():
-    from AnomalySegLib.brain_mask import tissue_mask
+    from AnomalySegLib.data.brain_mask import tissue_mask
 
     img, disk = _disk_image()
     mask = tissue_mask(img)
@@ -268,7 +268,7 @@ def test_tissue_mask_covers_disk_including_dark_hole():
 
 
 def test_tissue_masks_threshold_each_image_on_its_own():
-    from AnomalySegLib.brain_mask import tissue_mask, tissue_masks
+    from AnomalySegLib.data.brain_mask import tissue_mask, tissue_masks
 
     dim, disk_a = _disk_image(value=0.1, hole_value=0.005, radius=12)
     bright, disk_b = _disk_image(value=1000.0, radius=25)
@@ -283,7 +283,7 @@ def test_tissue_masks_threshold_each_image_on_its_own():
 def test_normalisation_is_robust_to_a_bright_lesion(case):
     # a bright lesion covering ~1.5 % of the head must not darken the healthy tissue
     head, vol, prep, cdata, caff = case
-    from AnomalySegLib.volume_io import Volume
+    from AnomalySegLib.io.volume_io import Volume
 
     data = vol.data.copy()
     inside = np.argwhere(head.head)

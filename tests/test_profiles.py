@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from AnomalySegLib.cli import main
-from AnomalySegLib.profiles import DEFAULT_METHOD, LEARNING_RATES, PROFILES, profile_settings, resolve_profile
+from AnomalySegLib.cli.commands import main
+from AnomalySegLib.pipeline.profiles import DEFAULT_METHOD, LEARNING_RATES, PROFILES, profile_settings, resolve_profile
 
 
 def test_auto_profile_follows_the_device():

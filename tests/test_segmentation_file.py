@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import slicerio
 
-from AnomalySegLib.segmentation_file import (
+from AnomalySegLib.io.segmentation_file import (
     ANOMALY_COLOR,
     ANOMALY_SEGMENT_NAME,
     segment_extent,
     write_seg_nrrd,
 )
-from AnomalySegLib.volume_io import Volume, read_volume
+from AnomalySegLib.io.volume_io import Volume, read_volume
 from conftest import rotation_matrix
 
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_tiny_model from
 import AnomalySeg  # noqa: E402
 
 from AnomalySegLib.errors import ModelFileError  # noqa: E402
-from AnomalySegLib.segmentation_file import ANOMALY_COLOR, ANOMALY_SEGMENT_NAME, ANOMALY_TERMINOLOGY  # noqa: E402
+from AnomalySegLib.io.segmentation_file import ANOMALY_COLOR, ANOMALY_SEGMENT_NAME, ANOMALY_TERMINOLOGY  # noqa: E402
 
 
 class Mrml:
@@ -114,7 +114,7 @@ def _hand_made_result(tmp_path, case, input_node, logic):
     on that volume's grid with volume_io. Returns (scores on the original NIfTI grid,
     scores on the Slicer node grid as (K, J, I), result dict).
     """
-    from AnomalySegLib.volume_io import read_volume, write_nifti
+    from AnomalySegLib.io.volume_io import read_volume, write_nifti
 
     exported = tmp_path / "exported_input.nii"
     logic.exportVolume(input_node, exported)
@@ -269,7 +269,7 @@ def test_grid_mismatch_and_missing_calibration_are_refused(mrml, oblique_case):
 
 
 def test_lesion_table_from_mask_array(mrml, oblique_case):
-    from AnomalySegLib.lesions import find_lesions
+    from AnomalySegLib.segmentation.lesions import find_lesions
 
     input_node = mrml.logic.loadVolume(oblique_case.path)
     affine, shape = _node_grid(input_node)
@@ -340,9 +340,9 @@ def test_process_end_to_end_matches_core(mrml, oblique_case, tmp_path, make_obli
     """Import a model (validated in the worker), segment by model name, compare with the core."""
     from test_worker import make_tiny_model
 
-    from AnomalySegLib.inference import segment_volume
-    from AnomalySegLib.model_file import load_model
-    from AnomalySegLib.volume_io import read_volume
+    from AnomalySegLib.pipeline.inference import segment_volume
+    from AnomalySegLib.model.bundle import load_model
+    from AnomalySegLib.io.volume_io import read_volume
 
     healthy = make_oblique_volume(tmp_path, "healthy", seed=1, **HEAD)
     source = tmp_path / "src" / "tiny.pt"
@@ -385,7 +385,7 @@ def test_batch_script_matches_the_cli(mrml, oblique_case, tmp_path, make_oblique
     import SimpleITK as sitk
     from test_worker import make_tiny_model
 
-    from AnomalySegLib.cli import main as cli_main
+    from AnomalySegLib.cli.commands import main as cli_main
 
     batch = _load_batch_script()
     assert batch.main(["--self-test", "--output", str(tmp_path / "selftest")], logic=mrml.logic) == 0
@@ -491,7 +491,7 @@ def test_batch_script_turns_any_exception_into_status_1(monkeypatch, capsys):
 def test_train_registers_a_calibrated_model(mrml, tmp_path, make_oblique_volume):
     """Training panel path: worker 'train' task, per-step losses, model saved, calibrated and listed."""
     from AnomalySegLib.errors import OutputError
-    from AnomalySegLib.model_file import load_model
+    from AnomalySegLib.model.bundle import load_model
 
     folder = tmp_path / "healthy"
     folder.mkdir()

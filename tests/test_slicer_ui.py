@@ -169,13 +169,14 @@ def test_module_cmake_lists_every_script_and_resource():
     text = (MODULE / "CMakeLists.txt").read_text()
     scripts = _cmake_list(text, "MODULE_PYTHON_SCRIPTS")
     assert scripts == ["${MODULE_NAME}.py"]
-    # the core package is globbed (a new core file needs no CMake edit); the glob is flat,
-    # so the package must stay flat: a sub-package would be missing from the extension
-    assert re.search(r"file\(GLOB ANOMALYSEGLIB_PYTHON_SCRIPTS\s+RELATIVE \$\{ANOMALYSEGLIB_DIR\}\s+"
+    # the core package is globbed recursively (a new core file or sub-package needs no CMake edit)
+    assert re.search(r"file\(GLOB_RECURSE ANOMALYSEGLIB_PYTHON_SCRIPTS\s+RELATIVE \$\{ANOMALYSEGLIB_DIR\}\s+"
                      r"CONFIGURE_DEPENDS\s+\$\{ANOMALYSEGLIB_DIR\}/\*\.py\s*\)", text), \
-        "AnomalySeg/CMakeLists.txt must glob AnomalySegLib/*.py (with CONFIGURE_DEPENDS)"
+        "AnomalySeg/CMakeLists.txt must glob AnomalySegLib/**/*.py (GLOB_RECURSE, with CONFIGURE_DEPENDS)"
     assert "set(ANOMALYSEGLIB_DIR ${CMAKE_CURRENT_SOURCE_DIR}/../AnomalySegLib)" in text
-    assert not [p for p in (REPO / "AnomalySegLib").iterdir() if p.is_dir() and (p / "__init__.py").exists()]
+    # every folder of the core holding Python files is a package (installed by pip and by the extension)
+    assert not [p for p in (REPO / "AnomalySegLib").rglob("*") if p.is_dir() and p.name != "__pycache__"
+                and list(p.glob("*.py")) and not (p / "__init__.py").exists()]
     resources = {r.replace("${MODULE_NAME}", "AnomalySeg") for r in _cmake_list(text, "MODULE_PYTHON_RESOURCES")}
     existing = {str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*")
                 if p.is_file() and p.suffix in (".png", ".ui", ".txt", ".pt", ".pth", ".json")}
@@ -242,15 +243,16 @@ def _configure(tmp_path, source_root):
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
 def test_cmake_installs_every_core_file_including_new_ones(tmp_path):
-    """Configure the real AnomalySeg/CMakeLists.txt: every AnomalySegLib/*.py is copied beside the
-    module and passed to slicerMacroBuildScriptedModule, a file added later included."""
+    """Configure the real AnomalySeg/CMakeLists.txt: every AnomalySegLib/**/*.py is copied beside the
+    module and passed to slicerMacroBuildScriptedModule, files added later (also in a sub-package) included."""
     copy = tmp_path / "src"
     shutil.copytree(MODULE, copy / "AnomalySeg", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "AnomalySegLib", copy / "AnomalySegLib", ignore=shutil.ignore_patterns("__pycache__"))
     (copy / "AnomalySegLib" / "zz_added_later.py").write_text("VALUE = 1\n")
+    (copy / "AnomalySegLib" / "io" / "zz_added_later.py").write_text("VALUE = 1\n")
     build, scripts = _configure(tmp_path, copy)
-    on_disk = sorted(p.name for p in (copy / "AnomalySegLib").glob("*.py"))
-    assert "zz_added_later.py" in on_disk
+    on_disk = sorted(p.relative_to(copy / "AnomalySegLib").as_posix() for p in (copy / "AnomalySegLib").rglob("*.py"))
+    assert "zz_added_later.py" in on_disk and "io/zz_added_later.py" in on_disk
     assert scripts[0] == "AnomalySeg.py"
     module_build = build / "module"
     assert sorted(scripts[1:]) == [str(module_build / "AnomalySegLib" / name) for name in on_disk]
@@ -268,8 +270,8 @@ def _enum_values(tree, name):
 def test_training_choices_are_the_librarys():
     """The panel offers every method and profile of the core, with the core's defaults."""
     pytest.importorskip("torch")
-    from AnomalySegLib.methods import METHODS
-    from AnomalySegLib.profiles import DEFAULT_METHOD, PROFILE_CHOICES, PROFILES
+    from AnomalySegLib.nn.methods import METHODS
+    from AnomalySegLib.pipeline.profiles import DEFAULT_METHOD, PROFILE_CHOICES, PROFILES
 
     tree = ast.parse(SOURCE.read_text(encoding="utf-8"))
     assert sorted(_enum_values(tree, "Method")) == sorted(METHODS)

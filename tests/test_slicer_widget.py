@@ -239,7 +239,7 @@ def test_run_without_and_with_cancel(h, tmp_path, monkeypatch):
 
 def test_run_with_the_real_worker_and_cancel(h, tmp_path, monkeypatch):
     """The real worker process, polled by the module's timer, ended by the Cancel button."""
-    from AnomalySegLib.worker import TEST_TASKS_ENV
+    from AnomalySegLib.worker.protocol import TEST_TASKS_ENV
 
     monkeypatch.setenv(TEST_TASKS_ENV, "1")
     a = _volume(h.scene, "A")
@@ -422,8 +422,8 @@ def _fields(h):
 
 
 def test_training_panel_offers_every_method_and_profile_with_the_library_defaults(h):
-    from AnomalySegLib.methods import METHODS
-    from AnomalySegLib.profiles import DEFAULT_METHOD, PROFILE_CHOICES, PROFILES
+    from AnomalySegLib.nn.methods import METHODS
+    from AnomalySegLib.pipeline.profiles import DEFAULT_METHOD, PROFILE_CHOICES, PROFILES
 
     w = h.createWidget()
     module = h.module
@@ -439,7 +439,7 @@ def test_training_panel_offers_every_method_and_profile_with_the_library_default
 
 
 def test_selecting_a_profile_fills_the_fields(h):
-    from AnomalySegLib.profiles import PROFILES
+    from AnomalySegLib.pipeline.profiles import PROFILES
 
     w = h.createWidget()
     _choose(h.ui.profileComboBox, "PAPER")
@@ -489,7 +489,7 @@ def test_training_request_carries_the_profile_and_only_changed_values(h, tmp_pat
 def test_panel_shows_the_settings_the_worker_resolved(h, tmp_path, monkeypatch):
     """Auto on device auto: the worker trains on a GPU and reports 'paper'; the fields show what runs,
     and the next request still sends no overrides (the panel now knows what auto means here)."""
-    from AnomalySegLib.profiles import PROFILES
+    from AnomalySegLib.pipeline.profiles import PROFILES
 
     w = h.createWidget()
     folder = tmp_path / "healthy"

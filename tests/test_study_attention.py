@@ -69,7 +69,7 @@ def test_study_runs_end_to_end_and_writes_tables(study, tiny_data, tmp_path):
 
 
 def test_reference_encoder_has_plain_stem_without_batchnorm(study):
-    from AnomalySegLib.models import ConvVAE, VAEConfig
+    from AnomalySegLib.nn.networks import ConvVAE, VAEConfig
 
     config = VAEConfig(image_size=32, base_width=8, latent_dim=4, attention_stage=1)
     net = study.ReferenceVAE(config)
@@ -123,7 +123,7 @@ def test_batch_shared_mask_is_one_eroded_union_for_the_whole_batch(study):
 
 
 def test_reference_loss_uses_the_shared_mask_and_authors_scaling(study):
-    from AnomalySegLib.models import VAEConfig
+    from AnomalySegLib.nn.networks import VAEConfig
 
     torch.manual_seed(0)
     config = VAEConfig(image_size=32, base_width=8, latent_dim=4, attention_stage=1)

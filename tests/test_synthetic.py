@@ -1,4 +1,4 @@
-"""Tests of the offline synthetic data generator (AnomalySegLib.synthetic)."""
+"""Tests of the offline synthetic data generator (AnomalySegLib.data.synthetic)."""
 
 import json
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from AnomalySegLib import synthetic
+from AnomalySegLib.data import synthetic
 from AnomalySegLib.errors import InputError
-from AnomalySegLib.synthetic import (LESION_KINDS, LESION_RADIUS_MM, LesionSpec, cohort_case_seeds, load_template,
+from AnomalySegLib.data.synthetic import (LESION_KINDS, LESION_RADIUS_MM, LesionSpec, cohort_case_seeds, load_template,
                                      synthesize_case)
 
 # Deep white matter (centrum semiovale) in MNI space; > 0.97 WM probability in a 7-voxel cube

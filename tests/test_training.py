@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from AnomalySegLib.errors import AnomalySegError, Cancelled, ModelFileError
-from AnomalySegLib.training import TrainConfig, split_volumes, train_model
+from AnomalySegLib.pipeline.training import TrainConfig, split_volumes, train_model
 
 FAST = dict(epochs=2, batch_size=8, image_size=32, base_width=4, latent_dim=8, device="cpu", seed=3)
 
@@ -13,7 +13,7 @@ FAST = dict(epochs=2, batch_size=8, image_size=32, base_width=4, latent_dim=8, d
 @pytest.fixture(scope="module")
 def small_volumes(healthy_volumes):
     # 4 volumes of 8 slices each keep these tests to seconds
-    from AnomalySegLib.volume_io import Volume
+    from AnomalySegLib.io.volume_io import Volume
 
     out = []
     for v in healthy_volumes[:4]:
@@ -127,7 +127,7 @@ def test_bad_settings_are_user_errors(small_volumes):
 
 @pytest.mark.parametrize("method", ["gradcamcons", "vae"])
 def test_other_methods_train_and_score(small_volumes, method):
-    from AnomalySegLib.inference import score_volume
+    from AnomalySegLib.pipeline.inference import score_volume
 
     model = train_model(small_volumes, TrainConfig(**{**FAST, "method": method}))
     assert model.method.method == method

@@ -9,8 +9,8 @@ import pytest
 import SimpleITK as sitk
 
 from AnomalySegLib.errors import InputError
-from AnomalySegLib.geometry import ras_to_lps
-from AnomalySegLib.volume_io import (
+from AnomalySegLib.io.geometry import ras_to_lps
+from AnomalySegLib.io.volume_io import (
     Volume,
     find_volumes,
     read_volume,

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 
 from AnomalySegLib import errors
-from AnomalySegLib.worker import (
+from AnomalySegLib.worker.client import WorkerProcess
+from AnomalySegLib.worker.protocol import (
     EXIT_BAD_REQUEST,
     EXIT_CANCELLED,
     EXIT_ERROR,
     TEST_TASKS_ENV,
-    WorkerProcess,
     error_from_message,
 )
 
@@ -168,11 +168,11 @@ def test_wait_timeout_cancels(test_tasks):
 def make_tiny_model(path: Path, healthy_path: Path, *, calibrated: bool = True, seed: int = 0):
     """A small random-weight AMCons model (32 px), calibrated on one healthy volume, saved to ``path``."""
     torch = pytest.importorskip("torch")
-    from AnomalySegLib.calibration import calibrate
-    from AnomalySegLib.methods import MethodParams
-    from AnomalySegLib.model_file import AnomalyModel
-    from AnomalySegLib.models import ConvVAE, VAEConfig
-    from AnomalySegLib.preprocessing import PreprocessConfig
+    from AnomalySegLib.pipeline.calibrate import calibrate
+    from AnomalySegLib.nn.methods import MethodParams
+    from AnomalySegLib.model.bundle import AnomalyModel
+    from AnomalySegLib.nn.networks import ConvVAE, VAEConfig
+    from AnomalySegLib.data.preprocessing import PreprocessConfig
 
     torch.manual_seed(seed)
     config = VAEConfig(image_size=32, base_width=4, latent_dim=8)
@@ -188,11 +188,11 @@ def test_segment_task_matches_in_process_core(tmp_path, make_oblique_volume):
     """The worker scores only; thresholding its map with the core gives `anomalyseg segment`'s result."""
     import nibabel as nib
 
-    from AnomalySegLib.calibration import Calibration
-    from AnomalySegLib.inference import segment_volume
-    from AnomalySegLib.model_file import load_model
-    from AnomalySegLib.postprocess import segment_heatmap
-    from AnomalySegLib.volume_io import read_volume
+    from AnomalySegLib.segmentation.calibration import Calibration
+    from AnomalySegLib.pipeline.inference import segment_volume
+    from AnomalySegLib.model.bundle import load_model
+    from AnomalySegLib.segmentation.segment import segment_heatmap
+    from AnomalySegLib.io.volume_io import read_volume
 
     healthy = make_oblique_volume(tmp_path, "healthy", shape=(40, 34, 10), radii_mm=(13.0, 22.0, 14.0),
                                   centre_ras=(1.5, -2.0, 3.0), seed=1)
@@ -233,7 +233,7 @@ def test_segment_task_matches_in_process_core(tmp_path, make_oblique_volume):
 
 
 def test_info_task_reports_the_operating_point(tmp_path, make_oblique_volume):
-    from AnomalySegLib.model_file import load_model
+    from AnomalySegLib.model.bundle import load_model
 
     healthy = make_oblique_volume(tmp_path, "healthy", shape=(40, 34, 10), radii_mm=(13.0, 22.0, 14.0),
                                   centre_ras=(1.5, -2.0, 3.0), seed=1)
@@ -265,8 +265,8 @@ def test_train_task_resolves_the_profile_and_reports_what_ran(tmp_path, make_obl
     explicit overrides replace profile values; the settings come back before training starts
     and with the result, and the model stores the resolved profile."""
     pytest.importorskip("torch")
-    from AnomalySegLib.model_file import load_model
-    from AnomalySegLib.profiles import DEFAULT_METHOD, PROFILES
+    from AnomalySegLib.model.bundle import load_model
+    from AnomalySegLib.pipeline.profiles import DEFAULT_METHOD, PROFILES
 
     folder = tmp_path / "healthy"
     folder.mkdir()

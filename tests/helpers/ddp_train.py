@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from AnomalySegLib.model_file import weights_digest
-from AnomalySegLib.training import TrainConfig, train_model
+from AnomalySegLib.model.bundle import weights_digest
+from AnomalySegLib.pipeline.training import TrainConfig, train_model
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""The ``anomalyseg`` command line: subcommands, argument types, ``evaluate`` and ``demo``."""

@@ -1,0 +1,144 @@
+"""Inference: a model's anomaly map on the input's own voxel grid, then its segmentation.
+
+For the attention methods only the encoder up to the attention stage runs (AMCons) or
+the encoder alone (GradCAMCons needs d z_mu / d A); the decoder never runs for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import torch
+
+from ..data.preprocessing import PreparedVolume, brain_mask_in_volume, prepare_volume, to_volume_grid
+from ..errors import ModelFileError
+from ..io.geometry import voxel_spacing
+from ..io.volume_io import Volume
+from ..nn.device import autocast_for, resolve_device
+from ..nn.methods import anomaly_scores
+from ..progress import CancelCallback, ProgressCallback, ProgressEvent, check_cancel, emit
+from ..segmentation.calibration import resolve_percentile
+from ..segmentation.postprocess import smooth_in_mask
+from ..segmentation.segment import SegmentationResult, segment_heatmap
+
+if TYPE_CHECKING:
+    from ..model.bundle import AnomalyModel
+
+
+def score_prepared(
+    model: "AnomalyModel",
+    prepared: PreparedVolume,
+    *,
+    device: "str | torch.device" = "auto",
+    batch_size: int = 16,
+    cancel: Optional[CancelCallback] = None,
+    on_batch=None,
+    normalise: bool = True,
+) -> np.ndarray:
+    """Anomaly maps [N, S, S] (model space) for the kept slices of a prepared volume.
+
+    When the model has :class:`~AnomalySegLib.model.position_stats.PositionStats` the maps are
+    their healthy z-scores (``normalise=False`` gives the raw maps, to fit them).
+    """
+    dev = resolve_device(device)
+    network = model.network.to(dev).eval()
+    count = len(prepared.images)
+    out = np.zeros(prepared.images.shape, dtype=np.float32)
+    for start in range(0, count, batch_size):
+        check_cancel(cancel)
+        stop = min(start + batch_size, count)
+        x = torch.from_numpy(np.ascontiguousarray(prepared.images[start:stop], dtype=np.float32)).unsqueeze(1).to(dev)
+        m = torch.from_numpy(np.ascontiguousarray(prepared.masks[start:stop])).to(dev)
+        with autocast_for(dev):
+            scores = anomaly_scores(network, x, m, model.name)
+        out[start:stop] = scores.detach().float().cpu().numpy()
+        if on_batch is not None:
+            on_batch(stop, count)
+    if model.position_stats is not None and normalise:
+        out = model.position_stats.normalise(out, prepared.masks, prepared.slice_indices)
+        w = float(model.method.fuse_intensity)
+        if w > 0 and model.intensity_stats is not None:
+            z_int = model.intensity_stats.normalise(prepared.images, prepared.masks, prepared.slice_indices)
+            out = (out + w * np.abs(z_int)) / (1.0 + w)
+    return out
+
+
+@dataclass
+class VolumeScores:
+    """An anomaly map on the input's voxel grid (0 outside the brain) and the brain mask."""
+
+    heatmap: np.ndarray
+    brain_mask: np.ndarray
+    volume: Optional[Volume] = None
+
+
+def scores_on_volume_grid(maps: np.ndarray, prepared: PreparedVolume, volume: Optional[Volume] = None,
+                          *, smoothing_mm: float = 0.0) -> VolumeScores:
+    """Model-space maps [N, S, S] -> anomaly map on the input's voxel grid, 0 outside the brain.
+
+    The one place where maps leave model space: inference, calibration and the baselines
+    all threshold/calibrate exactly these voxel values. ``smoothing_mm`` > 0 smooths the
+    map inside the brain (:func:`.postprocess.smooth_in_mask`, sigma in mm).
+    """
+    brain = brain_mask_in_volume(prepared)
+    heatmap = to_volume_grid(maps, prepared, order=1).astype(np.float32)
+    heatmap[~brain] = 0.0
+    if smoothing_mm > 0:
+        heatmap = smooth_in_mask(heatmap, brain, smoothing_mm, voxel_spacing(prepared.affine))
+    return VolumeScores(heatmap=heatmap, brain_mask=brain, volume=volume)
+
+
+def score_volume(
+    model: "AnomalyModel",
+    volume: Volume,
+    *,
+    device: "str | torch.device" = "auto",
+    batch_size: int = 16,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelCallback] = None,
+) -> VolumeScores:
+    """Preprocess ``volume`` exactly as in training, score it, map the scores back."""
+    emit(progress, ProgressEvent("prepare", 0.0, message="preprocessing"))
+    prepared = prepare_volume(volume, model.preprocessing)
+
+    def on_batch(done: int, total: int) -> None:
+        emit(progress, ProgressEvent("segment", 0.05 + 0.9 * done / total, step=done, steps=total,
+                                     message=f"slice {done}/{total}"))
+
+    maps = score_prepared(model, prepared, device=device, batch_size=batch_size, cancel=cancel, on_batch=on_batch)
+    scores = scores_on_volume_grid(maps, prepared, volume, smoothing_mm=model.method.smoothing_mm)
+    emit(progress, ProgressEvent("segment", 1.0, message="scored"))
+    return scores
+
+
+def threshold_for(model: "AnomalyModel", percentile: Optional[float]) -> "tuple[float, float]":
+    """(percentile, threshold) from the model's healthy calibration; ``None`` = its operating point."""
+    if model.calibration is None:
+        raise ModelFileError("this model is not calibrated: run `anomalyseg calibrate MODEL HEALTHY...` first")
+    pct = resolve_percentile(percentile, model.calibration, model.method.default_percentile)
+    return pct, model.calibration.threshold(pct)
+
+
+def threshold_scores(scores: VolumeScores, model: "AnomalyModel", *, percentile: Optional[float] = None) -> SegmentationResult:
+    """Mask and lesions of scored volume at a healthy percentile (no network run)."""
+    pct, _ = threshold_for(model, percentile)
+    return segment_heatmap(scores.heatmap, scores.brain_mask, scores.volume.affine, model.calibration, pct,
+                           fallback_percentile=model.method.default_percentile, model_version=model.version)
+
+
+def segment_volume(
+    model: "AnomalyModel",
+    volume: Volume,
+    *,
+    percentile: Optional[float] = None,
+    device: "str | torch.device" = "auto",
+    batch_size: int = 16,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelCallback] = None,
+) -> SegmentationResult:
+    """Score and threshold one volume (checks calibration before any heavy work)."""
+    threshold_for(model, percentile)
+    scores = score_volume(model, volume, device=device, batch_size=batch_size, progress=progress, cancel=cancel)
+    return threshold_scores(scores, model, percentile=percentile)

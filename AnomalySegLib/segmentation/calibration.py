@@ -1,0 +1,198 @@
+"""The healthy calibration table and its operating point (torch-free).
+
+The threshold that turns an anomaly map into a mask is a percentile of the scores that
+the model gives to brain voxels of *held-out healthy* volumes (paper, Table 2:
+p98 for AMCons, p95 for GradCAMCons). No anomalous image is ever used. The model file
+stores a quantile table, so any percentile (the Slicer sensitivity slider) maps to a
+threshold instantly. Running a model on healthy volumes to build the table is
+:mod:`AnomalySegLib.pipeline.calibrate`; this module is what the Slicer GUI process needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from ..settings import check_percentile
+from .postprocess import (
+    DEFAULT_MAX_FALSE_COMPONENTS,
+    DEFAULT_MIN_COMPONENT_ML,
+    min_component_voxels,
+    select_operating_percentile,
+    threshold_mask,
+)
+
+#: Percentiles stored in a model: every 0.1 from 0 to 100, plus finer steps near the top
+#: where clinically useful thresholds live.
+TABLE_PERCENTILES = np.unique(
+    np.concatenate([np.linspace(0.0, 100.0, 1001), [99.91, 99.92, 99.93, 99.94, 99.95, 99.96, 99.97, 99.98, 99.99]])
+)
+
+#: Cap on the healthy pixel scores kept in memory; beyond it a fixed-seed subsample is used
+#: (quantile error ~1e-4 at this size).
+MAX_CALIBRATION_PIXELS = 20_000_000
+
+
+@dataclass
+class Calibration:
+    """Quantile table of anomaly scores on healthy brain-tissue pixels."""
+
+    percentiles: np.ndarray
+    values: np.ndarray
+    n_pixels: int
+    n_images: int
+    n_volumes: int
+    source: str = ""
+    #: Default healthy percentile chosen on held-out healthy volumes so that they carry on
+    #: average <= ``max_false_components`` components of >= ``min_component_ml``
+    #: (:func:`.postprocess.select_operating_percentile`); None for files without one.
+    operating_percentile: Optional[float] = None
+    #: Components smaller than this (mL) are dropped from every mask (0 = keep all).
+    min_component_ml: float = 0.0
+    max_false_components: Optional[float] = None
+    #: Mean false components per held-out healthy volume measured at the operating point.
+    false_components_per_volume: Optional[float] = None
+
+    def default_percentile(self, fallback: float) -> float:
+        """The operating percentile when the calibration has one, else ``fallback``."""
+        return float(self.operating_percentile) if self.operating_percentile is not None else float(fallback)
+
+    def threshold(self, percentile: float) -> float:
+        """Score above which a pixel is flagged, for a healthy percentile (:func:`.check_percentile`)."""
+        return float(np.interp(check_percentile(percentile), self.percentiles, self.values))
+
+    def flag(self, heatmap: np.ndarray, brain_mask: np.ndarray, percentile: float,
+             *, voxel_ml: Optional[float] = None) -> "tuple[np.ndarray, float]":
+        """``(mask, threshold)``: brain voxels scoring above the percentile's threshold,
+        without components smaller than :attr:`min_component_ml`.
+
+        The one thresholding rule (:func:`.postprocess.threshold_mask`), shared by
+        ``anomalyseg segment``, the baselines and the Slicer module's instant re-threshold.
+        ``voxel_ml`` (one voxel's volume) is needed when the calibration has a minimum
+        component volume.
+        """
+        threshold = self.threshold(percentile)
+        min_voxels = 1
+        if self.min_component_ml > 0:
+            if voxel_ml is None:
+                raise ValueError("this calibration drops small components: pass voxel_ml (one voxel's volume in mL)")
+            min_voxels = min_component_voxels(self.min_component_ml, voxel_ml)
+        return threshold_mask(heatmap, brain_mask, threshold, min_voxels), threshold
+
+    def percentile_of(self, score: float) -> float:
+        """Healthy percentile of ``score`` (inverse of :meth:`threshold`)."""
+        # np.interp needs increasing x: the quantile table is non-decreasing; ties are fine
+        return float(np.interp(score, self.values, self.percentiles))
+
+    def to_dict(self) -> dict:
+        """JSON-able representation stored in the model file."""
+        return {
+            "percentiles": [float(p) for p in self.percentiles],
+            "values": [float(v) for v in self.values],
+            "n_pixels": int(self.n_pixels),
+            "n_images": int(self.n_images),
+            "n_volumes": int(self.n_volumes),
+            "source": self.source,
+            "operating_percentile": self.operating_percentile,
+            "min_component_ml": float(self.min_component_ml),
+            "max_false_components": self.max_false_components,
+            "false_components_per_volume": self.false_components_per_volume,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Calibration":
+        """Inverse of :meth:`to_dict`; validates the table."""
+        percentiles = np.asarray(data["percentiles"], dtype=np.float64)
+        values = np.asarray(data["values"], dtype=np.float64)
+        if percentiles.shape != values.shape or percentiles.ndim != 1 or len(percentiles) < 2:
+            raise ValueError("calibration table is malformed")
+        if np.any(np.diff(percentiles) <= 0) or np.any(np.diff(values) < 0):
+            raise ValueError("calibration table is not monotonic")
+        operating = data.get("operating_percentile")
+        min_ml = float(data.get("min_component_ml", 0.0) or 0.0)
+        budget = data.get("max_false_components")
+        measured = data.get("false_components_per_volume")
+        if operating is not None:
+            check_percentile(operating, "calibration operating percentile")
+        if not (math.isfinite(min_ml) and min_ml >= 0.0):
+            raise ValueError(f"calibration minimum component volume {min_ml} is not a number >= 0")
+        if not np.all(np.isfinite(values)):
+            raise ValueError("calibration table holds non-finite thresholds")
+        return cls(
+            percentiles=percentiles,
+            values=values,
+            n_pixels=int(data["n_pixels"]),
+            n_images=int(data["n_images"]),
+            n_volumes=int(data["n_volumes"]),
+            source=str(data.get("source", "")),
+            operating_percentile=None if operating is None else float(operating),
+            min_component_ml=min_ml,
+            max_false_components=None if budget is None else float(budget),
+            false_components_per_volume=None if measured is None else float(measured),
+        )
+
+    @classmethod
+    def from_scores(cls, scores: np.ndarray, *, n_images: int, n_volumes: int, source: str = "") -> "Calibration":
+        """Build the table from a 1-D array of healthy pixel scores."""
+        scores = np.asarray(scores, dtype=np.float64).ravel()
+        if scores.size == 0:
+            raise InputError("no healthy brain-tissue pixels to calibrate on")
+        values = np.percentile(scores, TABLE_PERCENTILES)
+        values = np.maximum.accumulate(values)  # guard against float round-off making it non-monotonic
+        return cls(TABLE_PERCENTILES.copy(), values, int(scores.size), n_images, n_volumes, source)
+
+    @classmethod
+    def from_healthy_maps(
+        cls,
+        maps: Sequence["tuple[np.ndarray, np.ndarray, float]"],
+        *,
+        start_percentile: float,
+        min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
+        max_false_components: float = DEFAULT_MAX_FALSE_COMPONENTS,
+        n_images: int = 0,
+        source: str = "",
+    ) -> "Calibration":
+        """Quantile table + operating point from held-out healthy voxel-grid maps.
+
+        ``maps`` holds ``(heatmap, brain_mask, voxel_ml)`` per healthy volume. The table is
+        built from the brain voxels' scores; the operating percentile is the lowest one
+        >= ``start_percentile`` at which these volumes carry on average at most
+        ``max_false_components`` components of >= ``min_component_ml``
+        (:func:`.postprocess.select_operating_percentile`).
+        """
+        if not maps:
+            raise InputError("calibration needs at least one healthy volume")
+        values = _subsample(np.concatenate([np.asarray(h)[np.asarray(b, dtype=bool)] for h, b, _ in maps]),
+                            MAX_CALIBRATION_PIXELS)
+        table = cls.from_scores(values, n_images=n_images, n_volumes=len(maps), source=source)
+        pct, mean_false = select_operating_percentile(
+            maps, table.threshold, table.percentiles, start_percentile=start_percentile,
+            min_component_ml=min_component_ml, max_false_components=max_false_components)
+        table.operating_percentile = pct
+        table.min_component_ml = float(min_component_ml)
+        table.max_false_components = float(max_false_components)
+        table.false_components_per_volume = mean_false
+        return table
+
+
+def _subsample(scores: np.ndarray, limit: int, seed: int = 0) -> np.ndarray:
+    if scores.size <= limit:
+        return scores
+    rng = np.random.default_rng(seed)
+    return rng.choice(scores, size=limit, replace=False)
+
+
+def default_percentile(calibration: Optional[Calibration], fallback: float) -> float:
+    """The healthy percentile used when none is given -- the one rule for models, baselines
+    and the Slicer module: the calibration's operating point (chosen on held-out healthy
+    volumes) when there is one, else ``fallback`` (the method's starting percentile)."""
+    return calibration.default_percentile(fallback) if calibration is not None else float(fallback)
+
+
+def resolve_percentile(percentile: Optional[float], calibration: Optional[Calibration], fallback: float) -> float:
+    """``percentile`` when given, else :func:`default_percentile`; checked (:func:`.check_percentile`)."""
+    return check_percentile(default_percentile(calibration, fallback) if percentile is None else percentile)

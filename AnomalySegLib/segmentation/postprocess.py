@@ -1,0 +1,164 @@
+"""From an anomaly map to a mask: the one thresholding rule and the healthy-only operating point.
+
+Torch-free (the Slicer GUI process re-thresholds with it). A mask is::
+
+    brain & (heatmap > threshold), minus 26-connected components smaller than
+    ``min_component_ml`` millilitres
+
+The *operating point* is chosen on held-out **healthy** volumes only, never on lesions:
+starting from the method's default healthy percentile, the threshold is raised (to a
+higher healthy percentile) until those volumes carry on average at most
+``max_false_components`` components of at least ``min_component_ml`` -- every component
+on a healthy volume is a false one. Volumes are in millilitres so the rule means the
+same at 1 mm and at 2 mm.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+from .lesions import mask_bounding_box
+
+__all__ = [
+    "DEFAULT_MIN_COMPONENT_ML",
+    "DEFAULT_MAX_FALSE_COMPONENTS",
+    "min_component_voxels",
+    "smooth_in_mask",
+    "remove_small_components",
+    "count_components",
+    "threshold_mask",
+    "select_operating_percentile",
+]
+
+#: Smallest reported lesion, mL (0.1 mL: a sphere of ~5.8 mm diameter; 12.5 voxels at 2 mm).
+DEFAULT_MIN_COMPONENT_ML = 0.1
+
+#: False components allowed per healthy volume, on average, at the operating point.
+DEFAULT_MAX_FALSE_COMPONENTS = 1.0
+
+_STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity, like lesions.find_lesions
+
+
+def min_component_voxels(min_component_ml: float, voxel_ml: float) -> int:
+    """Smallest kept component in voxels: ``ceil(min_component_ml / voxel_ml)`` (1 when 0 mL)."""
+    if not min_component_ml >= 0 or not math.isfinite(min_component_ml):
+        raise ValueError(f"minimum component volume must be a finite number >= 0 mL, got {min_component_ml}")
+    if not voxel_ml > 0 or not math.isfinite(voxel_ml):
+        raise ValueError(f"voxel volume must be a finite number > 0 mL, got {voxel_ml}")
+    # the small tolerance keeps 0.1 mL / 0.008 mL = 12.5000000001 at 13, and 0.1 / 0.001 at 100
+    return max(1, int(math.ceil(min_component_ml / voxel_ml - 1e-9)))
+
+
+def _labels(mask: np.ndarray) -> Tuple[tuple, np.ndarray, np.ndarray]:
+    """``(box, labels, sizes)`` of a non-empty mask's components, labelled inside its
+    bounding box only (labelling is the cost; lesions and false blobs are local)."""
+    box = mask_bounding_box(mask)
+    labels, count = ndimage.label(mask[box], structure=_STRUCTURE)
+    return box, labels, np.bincount(labels.ravel(), minlength=count + 1)
+
+
+def smooth_in_mask(heatmap: np.ndarray, brain_mask: np.ndarray, sigma_mm: float, spacing_mm: Sequence[float]) -> np.ndarray:
+    """Gaussian smoothing (sigma in mm, per-axis voxel spacing) restricted to the brain.
+
+    Normalised convolution: ``G*(h m) / G*m`` inside the mask, 0 outside, so values from
+    outside the brain (zeros) do not pull the map down along the brain boundary.
+    ``sigma_mm`` 0 returns a float32 copy.
+    """
+    heat = np.asarray(heatmap, dtype=np.float32)
+    brain = np.asarray(brain_mask, dtype=bool)
+    if not sigma_mm > 0:
+        return heat.copy()
+    sigma = [float(sigma_mm) / float(s) for s in spacing_mm]
+    weights = brain.astype(np.float32)
+    num = ndimage.gaussian_filter(np.where(brain, heat, 0.0).astype(np.float32), sigma, mode="constant", truncate=3.0)
+    den = ndimage.gaussian_filter(weights, sigma, mode="constant", truncate=3.0)
+    out = np.zeros_like(heat)
+    np.divide(num, den, out=out, where=brain & (den > 1e-6))
+    return out
+
+
+def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Boolean copy of ``mask`` without its 26-connected components of fewer than ``min_voxels`` voxels."""
+    mask = np.asarray(mask, dtype=bool)
+    if min_voxels <= 1 or not mask.any():
+        return mask.copy()
+    box, labels, sizes = _labels(mask)
+    keep = sizes >= min_voxels
+    keep[0] = False
+    out = np.zeros_like(mask)
+    out[box] = keep[labels]
+    return out
+
+
+def count_components(mask: np.ndarray, min_voxels: int = 1) -> int:
+    """Number of 26-connected components of ``mask`` with at least ``min_voxels`` voxels."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return 0
+    _, _, sizes = _labels(mask)
+    return int((sizes[1:] >= max(1, min_voxels)).sum())
+
+
+def threshold_mask(heatmap: np.ndarray, brain_mask: np.ndarray, threshold: float, min_voxels: int = 1) -> np.ndarray:
+    """The one thresholding rule: brain voxels scoring above ``threshold``, small components removed."""
+    heatmap = np.asarray(heatmap)
+    brain_mask = np.asarray(brain_mask, dtype=bool)
+    if heatmap.shape != brain_mask.shape:
+        raise ValueError(f"heatmap {heatmap.shape} and brain mask {brain_mask.shape} differ in shape")
+    return remove_small_components((heatmap > threshold) & brain_mask, min_voxels)
+
+
+def select_operating_percentile(
+    healthy: Sequence[Tuple[np.ndarray, np.ndarray, float]],
+    threshold_at: Callable[[float], float],
+    percentiles: Sequence[float],
+    *,
+    start_percentile: float,
+    min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
+    max_false_components: float = DEFAULT_MAX_FALSE_COMPONENTS,
+) -> Tuple[float, float]:
+    """Lowest healthy percentile >= ``start_percentile`` meeting the false-component budget.
+
+    ``healthy`` holds ``(heatmap, brain_mask, voxel_ml)`` of held-out healthy volumes;
+    ``threshold_at(p)`` maps a percentile to a score threshold (the calibration table);
+    ``percentiles`` are the candidate percentiles (the table's). Returns
+    ``(percentile, mean false components per healthy volume at it)``. The count falls as
+    the threshold rises (up to rare splits of one component into two), so the candidates
+    are bisected; if even the highest candidate exceeds the budget, it is returned with
+    its count (callers report it: the budget is then not met).
+    """
+    if not healthy:
+        raise ValueError("the operating point needs at least one healthy volume")
+    if not max_false_components >= 0:
+        raise ValueError(f"false-component budget must be >= 0, got {max_false_components}")
+    cands = sorted(float(p) for p in percentiles if float(p) >= start_percentile and float(p) < 100.0)
+    if not cands or cands[0] > start_percentile:
+        cands.insert(0, float(start_percentile))
+    min_voxels = [min_component_voxels(min_component_ml, v) for _, _, v in healthy]
+    cache: dict = {}
+
+    def mean_false(index: int) -> float:
+        if index not in cache:
+            thr = threshold_at(cands[index])
+            counts = [count_components((h > thr) & np.asarray(b, dtype=bool), n)
+                      for (h, b, _), n in zip(healthy, min_voxels)]
+            cache[index] = float(np.mean(counts))
+        return cache[index]
+
+    if mean_false(0) <= max_false_components:
+        return cands[0], mean_false(0)
+    last = len(cands) - 1
+    if mean_false(last) > max_false_components:
+        return cands[last], mean_false(last)
+    lo, hi = 0, last  # invariant: lo fails the budget, hi meets it
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if mean_false(mid) <= max_false_components:
+            hi = mid
+        else:
+            lo = mid
+    return cands[hi], mean_false(hi)
