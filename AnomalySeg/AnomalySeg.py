@@ -145,6 +145,19 @@ class Device(enum.Enum):
         return {"auto": _("Auto (GPU if available)"), "cuda": _("CUDA GPU"), "cpu": _("CPU")}[self.value]
 
 
+class BrainExtraction(enum.Enum):
+    """Brain extraction for a segmentation run (``anomalyseg segment --brain-extraction``)."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+    def label(self):
+        """Combo box text."""
+        return {"auto": _("Auto (only when the skull is still there)"), "on": _("On (always)"),
+                "off": _("Off (skull-stripped inputs only)")}[self.value]
+
+
 class Method(enum.Enum):
     """Training method: every method of AnomalySegLib.nn.methods.METHODS (checked by the tests)."""
 
@@ -186,6 +199,7 @@ if SLICER_APP:
         inputVolume - volume to segment.
         modelPath - model file used by the Segment panel (chosen in the model list).
         device - where the network runs.
+        brainExtraction - auto | on | off: deepbet brain extraction of the input (auto: when the input check finds a skull).
         percentile - sensitivity: healthy percentile used as threshold.
         anomalyMap, anomalySegmentation - outputs of the last run (re-thresholded by the slider).
         healthyFolder - folder of healthy volumes for training / calibration.
@@ -200,6 +214,7 @@ if SLICER_APP:
         inputVolume: vtkMRMLScalarVolumeNode
         modelPath: str = ""
         device: Device = Device.AUTO
+        brainExtraction: BrainExtraction = BrainExtraction.AUTO
         percentile: Annotated[float, WithinRange(80.0, 99.99)] = 98.0
         anomalyMap: vtkMRMLScalarVolumeNode
         anomalySegmentation: vtkMRMLSegmentationNode
@@ -483,14 +498,21 @@ class AnomalySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
             if not self.logic.ensureDependencies(askUser=True):
                 return
+            extraction = p.brainExtraction.value
+            if (extraction != "off" and not self.logic.ensureBrainExtraction(askUser=True)
+                    and extraction == "on"):  # declined, and this run needs deepbet whatever the scan
+                self.ui.segmentStatusLabel.text = _("Brain extraction is On but deepbet is not installed: accept "
+                                                    "its installation, or set Brain extraction to Auto or Off.")
+                return
             self._running = "segment"
             self._updateButtons()
             self.ui.segmentProgressBar.value = 0
             self.ui.segmentStatusLabel.text = _("Starting...")
             try:
+                self.ui.inputCheckLabel.text = ""
                 self.logic.process(p.inputVolume, p.modelPath, percentile=p.percentile, device=p.device.value,
                                    waitForCompletion=False, progressCallback=self._onSegmentProgress,
-                                   finishedCallback=self._onSegmentFinished)
+                                   finishedCallback=self._onSegmentFinished, brainExtraction=extraction)
             except Exception:
                 self._running = None
                 self._updateButtons()
@@ -515,6 +537,7 @@ class AnomalySegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay(_("Segmentation failed: {message}").format(message=error))
             return
         self.ui.segmentProgressBar.value = 100
+        self.ui.inputCheckLabel.text = formatInputCheck(result.inputCheck)
         if p is None or result.mapNode.GetNodeReference(AnomalySegLogic.INPUT_REFERENCE_ROLE) is not p.inputVolume:
             # module hidden, or the user picked another input meanwhile: keep the outputs, do not show them
             self.ui.segmentStatusLabel.text = _("Done: {name}").format(name=result.segmentationNode.GetName())
@@ -806,6 +829,25 @@ def formatProgress(message: dict) -> str:
     return status_line(ProgressEvent.from_dict(message))
 
 
+def formatInputCheck(record: dict) -> str:
+    """Panel line for the worker's raw-input record (skull check, brain extraction, bias correction)."""
+    check = (record or {}).get("input_check")
+    if not check:
+        return ""
+    skull = _("skull present") if check.get("has_skull") else _("skull-stripped")
+    extraction = record.get("brain_extraction") or {}
+    if extraction.get("ran"):
+        ml = extraction.get("brain_volume_ml")
+        done = _("brain extracted (deepbet{volume}): segment \"Brain\"").format(
+            volume=f", {ml:.0f} mL" if isinstance(ml, (int, float)) else "")
+    else:
+        done = _("no brain extraction")
+    text = _("Input check: {skull}; {done}").format(skull=skull, done=done)
+    if (record.get("bias_correction") or {}).get("ran"):
+        text += _("; bias field corrected")
+    return text + "."
+
+
 #: Range of the sensitivity slider; the parameter node's WithinRange says the same (checked by the tests).
 PERCENTILE_SLIDER_RANGE = (80.0, 99.99)
 
@@ -856,6 +898,10 @@ class AnomalySegResult:
     modelVersion: str
     lesions: list = field(default_factory=list)
     report: dict = field(default_factory=dict)
+    #: The worker's raw-input record: ``input_check``, ``brain_extraction``, ``bias_correction``.
+    inputCheck: dict = field(default_factory=dict)
+    #: "<input> brain" segmentation (segment "Brain") when brain extraction ran, else None.
+    brainSegmentationNode: object = None
 
 
 class DiscardedResult(anomalyErrors.Cancelled):
@@ -877,6 +923,12 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
     MAP_SUFFIX = " anomaly map"
     SEGMENTATION_SUFFIX = " anomalies"
     SEGMENT_ID = "Anomaly"
+    BRAIN_SEGMENTATION_SUFFIX = " brain"
+    BRAIN_SEGMENT_ID = "Brain"
+    BRAIN_COLOR = (0.35, 0.75, 0.95)
+    #: deepbet (brain extraction), installed without its dependencies (GUI toolkit, pandas,
+    #: cc3d, fill_voids): the worker needs only its two network files (docs/RAW_INPUT.md).
+    DEEPBET_REQUIREMENT = "deepbet>=1.0.2"
     ATTR_ROLE = "AnomalySeg.Role"  # "anomaly map" | "anomalies" on output nodes
     ATTR_CALIBRATION = "AnomalySeg.Calibration"
     ATTR_MODEL_VERSION = "AnomalySeg.ModelVersion"
@@ -1080,6 +1132,37 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
             raise DependencyError(_("installation did not provide: {what}").format(what=", ".join(stillMissing)))
         return True
 
+    @staticmethod
+    def brainExtractionInstalled() -> bool:
+        """True when deepbet (its network files) is installed in the worker's Python."""
+        import importlib.util
+
+        return importlib.util.find_spec("deepbet") is not None
+
+    def ensureBrainExtraction(self, askUser: bool = True) -> bool:
+        """Install deepbet (``pip install --no-deps``, ~10 MB) after the user agrees.
+
+        Its dependencies (a GUI toolkit, pandas, cc3d, fill_voids) are not needed: the
+        worker loads only deepbet's two TorchScript files. Returns False when the user
+        declines or no dialog can be shown; a run that then needs extraction stops with
+        the worker's one-line message.
+        """
+        if self.brainExtractionInstalled():
+            return True
+        if not askUser or not self.hasApplication() or not self.canShowDialogs():
+            return False
+        if not slicer.util.confirmOkCancelDisplay(
+                _("Brain extraction of scans that still have their skull uses deepbet (MIT licence, ~10 MB "
+                  "download, trained on T1-weighted scans). Install it now?\n\n{what} (without its "
+                  "dependencies)").format(what=self.DEEPBET_REQUIREMENT),
+                _("AnomalySeg: install brain extraction")):
+            return False
+        slicer.util.pip_install(f"--no-deps {self.DEEPBET_REQUIREMENT}")
+        import importlib
+
+        importlib.invalidate_caches()
+        return self.brainExtractionInstalled()
+
     # ------------------------------------------------------------------ worker runs
     @property
     def isRunning(self) -> bool:
@@ -1251,7 +1334,7 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ segment
     def process(self, inputVolume, modelPath, percentile=None, device="auto", waitForCompletion=True,
-                progressCallback=None, finishedCallback=None, batchSize=16):
+                progressCallback=None, finishedCallback=None, batchSize=16, brainExtraction=None):
         """Segment anomalies in ``inputVolume`` with a model (file path or registry name).
 
         Exports the volume to a temporary NIfTI file, runs the worker (torch), loads the
@@ -1260,6 +1343,8 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
         Blocking by default (returns an AnomalySegResult); with
         ``waitForCompletion=False`` returns the WorkerProcess and calls
         ``finishedCallback(result, error)`` later (Slicer application only).
+        ``brainExtraction`` (auto | on | off, default: the model's setting) is passed to the
+        worker; when the brain was extracted it is shown as segment "Brain" of "<input> brain".
         """
         if inputVolume is None or inputVolume.GetImageData() is None:
             raise ValueError("input volume is missing or empty")
@@ -1275,7 +1360,10 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
             shutil.rmtree(workDir, ignore_errors=True)
             raise
         request = {"task": "segment", "input": inputPath, "model": modelPath, "heatmap": heatmapPath,
-                   "percentile": percentile, "device": device, "batch_size": int(batchSize)}
+                   "percentile": percentile, "device": device, "batch_size": int(batchSize),
+                   "extracted_brain": os.path.join(workDir, "brain.nii")}
+        if brainExtraction:
+            request["brain_extraction"] = str(brainExtraction)
         return self._runWorker(
             request,
             onResult=lambda result: self.loadSegmentResult(inputVolume, result),
@@ -1315,8 +1403,50 @@ class AnomalySegLogic(ScriptedLoadableModuleLogic):
                                             fallbackPercentile=result.get("fallback_percentile"))
         segmentationNode = self.createSegmentationNode(inputVolume, mapNode)
         out = self.segmentMap(mapNode, segmentationNode, result.get("percentile"))
+        out.inputCheck = {k: result[k] for k in ("input_check", "brain_extraction", "bias_correction") if k in result}
+        out.brainSegmentationNode = self.updateBrainSegmentation(inputVolume, result.get("extracted_brain"))
         self.showResults(inputVolume, mapNode)
         return out
+
+    def updateBrainSegmentation(self, inputVolume, brainPath):
+        """"<input> brain" with segment "Brain" from the worker's extracted brain mask; without
+        one (extraction did not run) an older brain node of this input is removed. Returns the node or None."""
+        old = self._findOutputNode("vtkMRMLSegmentationNode", inputVolume, "brain")
+        if not brainPath:
+            if old is not None:
+                self.scene.RemoveNode(old)
+            return None
+        maskKJI, ijkToRas = self.readVolumeArray(brainPath)
+        inputIjkToRas = vtk.vtkMatrix4x4()
+        inputVolume.GetIJKToRASMatrix(inputIjkToRas)
+        if not np.allclose(ijkToRas, slicer.util.arrayFromVTKMatrix(inputIjkToRas), atol=1e-3):
+            raise anomalyErrors.AnomalySegError("the brain mask file is not on the input volume's voxel grid")
+        segNode = self._outputNode("vtkMRMLSegmentationNode", inputVolume,
+                                   inputVolume.GetName() + self.BRAIN_SEGMENTATION_SUFFIX, "brain")
+        if segNode.GetDisplayNode() is None:
+            segNode.CreateDefaultDisplayNodes()
+        segNode.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
+        segNode.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
+        segmentation = segNode.GetSegmentation()
+        if segmentation.GetSegment(self.BRAIN_SEGMENT_ID) is None:
+            segmentation.AddEmptySegment(self.BRAIN_SEGMENT_ID, "Brain", list(self.BRAIN_COLOR))
+        from vtk.util import numpy_support
+
+        k, j, i = maskKJI.shape
+        image = slicer.vtkOrientedImageData()
+        image.SetDimensions(i, j, k)
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(k, j, i)[:] = maskKJI != 0
+        image.SetImageToWorldMatrix(inputIjkToRas)
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        if not logic.SetBinaryLabelmapToSegment(image, segNode, self.BRAIN_SEGMENT_ID, logic.MODE_REPLACE,
+                                                image.GetExtent()):
+            raise anomalyErrors.AnomalySegError("cannot fill the brain segment")
+        display = segNode.GetDisplayNode()
+        if display is not None and hasattr(display, "SetSegmentOpacity2DFill"):
+            display.SetSegmentOpacity2DFill(self.BRAIN_SEGMENT_ID, 0.0)  # outline only over the anomaly map
+        self.placeBesideInput(segNode, inputVolume)
+        return segNode
 
     def segmentFile(self, path, modelPath, percentile=None, device="auto", progressCallback=None, batchSize=16):
         """Segment a volume file or DICOM series folder without loading it into the scene (batch use).

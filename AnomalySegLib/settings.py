@@ -32,6 +32,14 @@ class JsonSettings:
         return cls(**dict(data))
 
 
+#: The methods a model can be trained with (torch-free, for the command line and Slicer).
+METHOD_NAMES = ("amcons", "gradcamcons", "vae", "dae")
+
+#: The dae fusion's intensity terms (``MethodParams.intensity_term``; torch-free so the
+#: command line can offer them without importing the networks).
+INTENSITY_TERMS = ("bright-position", "abs-position", "bright-global", "abs-global", "agree-position")
+
+
 def check_percentile(value: Any, name: str = "percentile") -> float:
     """The one rule for a healthy percentile: a number strictly between 0 and 100.
 

@@ -11,6 +11,22 @@ Measurements (each in its own Python process by default, so peak memory is its o
   (encoder up to the attention stage), GradCAMCons map (encoder + gradient of mu), VAE
   residual (encoder + decoder) and a plain full forward pass (encoder + decoder).
 
+Against the authors' network and per stage (``--measure compare train_compare stages``; each
+in one process, the paths run alternately and the median is kept, so the ratios hold on a
+loaded machine):
+
+* ``compare``: at each ``--compare-sizes`` (224 128), one inference batch of real slices:
+  the authors' attention-only path (their network, ``reference_network``: channel mean of
+  layer1, bilinear upsampling) and their shipped inference (the full network with autograd
+  on), against ours before (plain network) and as ``score_prepared`` runs it (``nn/speed.py``:
+  BatchNorm folded, channels-last, amcons in bfloat16 on CPUs with native bf16); speed
+  ratios = reference seconds / ours, and the max map difference to the plain network.
+* ``train_compare``: training steps at ``--train-size`` / ``--train-width`` / ``--batch-size``
+  (default: the CPU profile, 96 px, width 16, batch 32): the dae U-Net NCHW vs channels-last,
+  and AMCons ours vs the authors' network and loss.
+* ``stages``: one 1 mm 256 x 256 x 176 volume end to end (read, preprocess, network, map
+  back, threshold + lesions, write), seconds per stage, ``--e2e-method`` (amcons).
+
 Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the peak resident set size
 of the process during the measurement (Linux VmHWM, reset just before it; elsewhere
 ``resource.getrusage``, the process lifetime peak), next to the resident size before it.
@@ -25,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -35,6 +52,7 @@ from typing import Optional, Sequence
 
 
 METHODS = ("amcons", "gradcamcons", "vae")
+MEASUREMENTS = ("train", "score_volume", "network", "compare", "train_compare", "stages")
 
 
 def _status_mb(key: str) -> Optional[float]:
@@ -184,6 +202,12 @@ def measure(kind: str, method: Optional[str], cfg: dict) -> dict:
         result.update(slices=int(len(x_all)), seconds_per_volume=timings,
                       attention_speedup_vs_full_forward=timings["full_forward"] / timings["amcons_attention_only"],
                       parameters={p: net.num_parameters(p) for p in ("attention", "encoder", "all")})
+    elif kind == "compare":
+        result.update(measure_compare(cfg))
+    elif kind == "train_compare":
+        result.update(measure_train_compare(cfg))
+    elif kind == "stages":
+        result.update(measure_stages(cfg))
     else:
         raise ValueError(f"unknown measurement {kind}")
 
@@ -195,6 +219,262 @@ def measure(kind: str, method: Optional[str], cfg: dict) -> dict:
     return result
 
 
+# ============================================================================ against the authors' network
+
+def _scripts_on_path() -> None:
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+
+
+def reference_network(image_size: int, width: int, latent_dim: int):
+    """The authors' network as they ship it (scripts/study_attention.py ``ReferenceVAE``): a bare
+    7x7/2 convolution (no BN, no ReLU), ResNet-18 layer1-4 (torchvision-style BasicBlocks), dense
+    latent, their decoder; eval mode, plain float32 NCHW."""
+    _scripts_on_path()
+    from study_attention import ReferenceVAE
+
+    from AnomalySegLib.nn.networks import VAEConfig
+
+    return ReferenceVAE(VAEConfig(image_size=image_size, base_width=width, latent_dim=latent_dim)).eval()
+
+
+def interleaved_medians(fns: dict, repeats: int, device=None) -> dict:
+    """Median seconds of each callable, run alternately (forward, then reverse order each
+    round) after one warm-up each, so a loaded machine slows all of them alike."""
+    for fn in fns.values():
+        fn()
+    times: dict = {k: [] for k in fns}
+    for r in range(repeats):
+        for name in (list(fns) if r % 2 == 0 else list(reversed(list(fns)))):
+            if device is not None:
+                _sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            if device is not None:
+                _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _slice_batch(cfg: dict, size: int, batch: int):
+    """``batch`` central kept slices of the synthetic volume prepared at ``size`` px."""
+    import torch
+
+    from AnomalySegLib.data.preprocessing import PreprocessConfig, prepare_volume
+
+    prepared = prepare_volume(_volumes(cfg)[0], PreprocessConfig(image_size=size))
+    start = max(0, (len(prepared.images) - batch) // 2)
+    x = torch.from_numpy(prepared.images[start:start + batch].copy()).unsqueeze(1)
+    return x, torch.from_numpy(prepared.masks[start:start + batch].copy())
+
+
+def measure_compare(cfg: dict) -> dict:
+    """Inference, ours vs the authors' network, interleaved in this process, per image size."""
+    import torch
+    import torch.nn.functional as F
+
+    from AnomalySegLib.nn.device import resolve_device
+    from AnomalySegLib.nn.methods import anomaly_scores
+    from AnomalySegLib.nn.networks import ConvVAE, VAEConfig
+    from AnomalySegLib.nn.speed import configure_cpu_threads, inference_autocast, inference_dtype, inference_network
+
+    device = resolve_device(cfg["device"])
+    if device.type == "cpu":
+        configure_cpu_threads()
+    out: dict = {"kind": "compare", "method": None, "device": str(device), "threads": torch.get_num_threads(),
+                 "batch": cfg["eval_batch_size"], "sizes": {}}
+    for size in cfg["compare_sizes"]:
+        torch.manual_seed(0)
+        net_cfg = VAEConfig(image_size=size, base_width=cfg["width"], latent_dim=cfg["latent_dim"])
+        ours = ConvVAE(net_cfg).eval().to(device)
+        ref = reference_network(size, cfg["width"], cfg["latent_dim"]).to(device)
+        low = inference_dtype(device, "amcons")  # what score_prepared uses for amcons here
+        fast_low = inference_network(ours, device, dtype=low)
+        fast = inference_network(ours, device)
+        x, m = _slice_batch(cfg, size, cfg["eval_batch_size"])
+        x, m = x.to(device), m.to(device)
+        x_low = x.to(low)
+
+        def ref_attention():
+            with torch.inference_mode():  # the authors' attention-only path: channel mean, bilinear upsampling
+                am = ref.attention_features(x).mean(dim=1, keepdim=True)
+                return F.interpolate(am, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
+
+        def ref_shipped():
+            return ref(x).logits  # the authors' shipped inference: full network, autograd on (no no_grad)
+
+        def fast_default(method="amcons"):  # as score_prepared runs it
+            with inference_autocast(device, method):
+                if method == "amcons":
+                    return anomaly_scores(fast_low, x_low, m, method)
+                return anomaly_scores(fast, x, m, method)
+
+        fns = {
+            "reference_attention_only": ref_attention,
+            "reference_shipped_full_network": ref_shipped,
+            "ours_attention_only_plain": lambda: anomaly_scores(ours, x, m, "amcons"),
+            "ours_attention_only_fast_fp32": lambda: anomaly_scores(fast, x, m, "amcons"),
+            "ours_attention_only_fast": fast_default,
+            "ours_gradcamcons_fast": lambda: fast_default("gradcamcons"),
+            "ours_vae_residual_fast": lambda: fast_default("vae"),
+        }
+        seconds = interleaved_medians(fns, cfg["repeats"], device)
+        plain = fns["ours_attention_only_plain"]()
+        span = float(plain.max() - plain.min())
+        err = {name: float((fns[name]().float() - plain).abs().max()) / span
+               for name in ("ours_attention_only_fast_fp32", "ours_attention_only_fast")}
+        ref_att, ref_full = seconds["reference_attention_only"], seconds["reference_shipped_full_network"]
+        out["sizes"][str(size)] = {
+            "seconds_per_batch": seconds,
+            "speed_vs_reference_attention": {k: ref_att / v for k, v in seconds.items() if k.startswith("ours_attention")},
+            "speed_vs_reference_shipped": {k: ref_full / v for k, v in seconds.items() if k.startswith("ours_")},
+            "map_error_vs_plain": err,
+            "amcons_bf16": low == torch.bfloat16,
+        }
+    return out
+
+
+def measure_train_compare(cfg: dict) -> dict:
+    """Training steps, interleaved in this process: the dae U-Net before (NCHW) / after
+    (channels-last, as ``Trainer`` now builds it), and AMCons ours vs the authors' network
+    and loss (study_attention.reference_losses), at the same image size, width and batch."""
+    import torch
+
+    from AnomalySegLib.nn.device import resolve_device
+    from AnomalySegLib.nn.methods import MethodParams, training_loss
+    from AnomalySegLib.nn.networks import VAEConfig, build_network
+
+    _scripts_on_path()
+    from study_attention import RefOptions, reference_losses
+
+    device = resolve_device(cfg["device"])
+    size, width, batch = cfg["train_size"], cfg["train_width"], cfg["batch_size"]
+    x, m = _slice_batch(cfg, size, batch)
+    if len(x) < batch:  # repeat slices to fill the batch
+        reps = -(-batch // len(x))
+        x, m = x.repeat(reps, 1, 1, 1)[:batch], m.repeat(reps, 1, 1)[:batch]
+    x, m = x.to(device), m.to(device)
+    setups: dict = {}
+
+    def add(name, arch, channels_last, loss_fn, net=None):
+        torch.manual_seed(0)
+        net = net if net is not None else build_network(
+            VAEConfig(image_size=size, base_width=width, latent_dim=cfg["latent_dim"], architecture=arch))
+        net = net.to(device)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        net.train()
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+
+        def step():
+            torch.manual_seed(1)
+            loss, _ = loss_fn(net, x, m)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return float(loss.detach())
+
+        setups[name] = step
+
+    dae, amc = MethodParams.defaults("dae"), MethodParams.defaults("amcons")
+    add("dae_before_nchw", "unet", False, lambda n, a, b: training_loss(n, a, b, dae, epoch=0))
+    add("dae_after_channels_last", "unet", True, lambda n, a, b: training_loss(n, a, b, dae, epoch=0))
+    add("amcons_ours", "vae", True, lambda n, a, b: training_loss(n, a, b, amc, epoch=1))
+    ref = reference_network(size, width, cfg["latent_dim"])
+    opts = RefOptions()
+    add("amcons_reference", "vae", False,
+        lambda n, a, b: reference_losses(n, a, b, beta=10.0, lambda_h=0.1, epoch=1, opts=opts), net=ref)
+    first = {}
+    for name in ("dae_before_nchw", "dae_after_channels_last"):
+        first[name] = setups[name]()  # same initial weights and noise: the first losses must agree
+    seconds = interleaved_medians(setups, cfg["train_repeats"], device)
+    ips = {k: batch / v for k, v in seconds.items()}
+    return {"kind": "train_compare", "method": None, "device": str(device), "image_size": size, "width": width,
+            "batch_size": batch, "images_per_second": ips,
+            "ratios": {"dae_after_vs_before": ips["dae_after_channels_last"] / ips["dae_before_nchw"],
+                       "amcons_ours_vs_reference": ips["amcons_ours"] / ips["amcons_reference"]},
+            "dae_first_loss_rel_diff": abs(first["dae_after_channels_last"] - first["dae_before_nchw"])
+            / abs(first["dae_before_nchw"])}
+
+
+def _whole_brain_volume(cfg: dict):
+    """The synthetic 1 mm volume embedded in a 256 x 256 x 176 grid (a typical 1 mm T1/FLAIR)."""
+    import numpy as np
+
+    from AnomalySegLib.io.volume_io import Volume
+
+    vol = _volumes(dict(cfg, resolution=1.0, slices=None, distinct_volumes=1))[0]
+    target = (256, 256, 176)
+    data = np.zeros(target, dtype=np.float32)
+    src, dst, shift = [], [], []
+    for n, t in zip(vol.data.shape, target):
+        if n <= t:
+            o = (t - n) // 2
+            src.append(slice(0, n)); dst.append(slice(o, o + n)); shift.append(-o)
+        else:
+            o = (n - t) // 2
+            src.append(slice(o, o + t)); dst.append(slice(0, t)); shift.append(o)
+    data[tuple(dst)] = vol.data[tuple(src)]
+    affine = vol.affine.copy()
+    affine[:3, 3] = vol.affine[:3, 3] + vol.affine[:3, :3] @ np.array(shift, dtype=float)
+    return Volume(data, affine)
+
+
+def measure_stages(cfg: dict) -> dict:
+    """End to end for one 1 mm 256x256x176 volume, seconds per stage (median over repeats):
+    read, preprocess, network, map back (+ smoothing), threshold + lesions, write."""
+    import tempfile
+
+    import torch
+
+    from AnomalySegLib.data.preprocessing import prepare_volume
+    from AnomalySegLib.io.geometry import voxel_volume_ml
+    from AnomalySegLib.io.volume_io import read_volume, write_nifti
+    from AnomalySegLib.nn.device import resolve_device
+    from AnomalySegLib.pipeline.inference import score_prepared, scores_on_volume_grid, threshold_scores
+    from AnomalySegLib.pipeline.outputs import write_case_outputs
+    from AnomalySegLib.segmentation.calibration import Calibration
+
+    device = resolve_device(cfg["device"])
+    method = cfg["e2e_method"]
+    model = _untrained_model(method, cfg)
+    volume = _whole_brain_volume(cfg)
+    stages = ("read", "preprocess", "network", "map_back", "threshold_lesions", "write")
+    runs: dict = {k: [] for k in stages + ("total",)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "case.nii.gz"
+        write_nifti(path, volume.data, volume)
+        # untimed warm-up (folds the network, loads libraries) and a calibration table from
+        # this volume's own map, so that thresholding has one
+        vol = read_volume(path)
+        prepared = prepare_volume(vol, model.preprocessing)
+        scores = scores_on_volume_grid(score_prepared(model, prepared, device=device,
+                                                      batch_size=cfg["eval_batch_size"]),
+                                       prepared, vol, smoothing_mm=model.method.smoothing_mm)
+        model.calibration = Calibration.from_healthy_maps(
+            [(scores.heatmap, scores.brain_mask, voxel_volume_ml(vol.affine))],
+            start_percentile=model.method.default_percentile, n_images=len(prepared.images), source="benchmark")
+        for _ in range(cfg["repeats"]):
+            t = [time.perf_counter()]
+            vol = read_volume(path); t.append(time.perf_counter())
+            prepared = prepare_volume(vol, model.preprocessing); t.append(time.perf_counter())
+            maps = score_prepared(model, prepared, device=device, batch_size=cfg["eval_batch_size"])
+            _sync(device); t.append(time.perf_counter())
+            scores = scores_on_volume_grid(maps, prepared, vol, smoothing_mm=model.method.smoothing_mm)
+            t.append(time.perf_counter())
+            result = threshold_scores(scores, model); t.append(time.perf_counter())
+            write_case_outputs(Path(tmp) / "out", "case", vol, result, overwrite=True,
+                               brain_mask=scores.brain_mask)
+            t.append(time.perf_counter())
+            for i, k in enumerate(stages):
+                runs[k].append(t[i + 1] - t[i])
+            runs["total"].append(t[-1] - t[0])
+    return {"kind": "stages", "method": method, "device": str(device), "threads": torch.get_num_threads(),
+            "volume_shape": list(volume.shape), "slices": int(len(maps)),
+            "seconds": {k: statistics.median(v) for k, v in runs.items()}, "runs": runs}
+
+
 def _run_isolated(kind: str, method: Optional[str], cfg: dict) -> dict:
     payload = json.dumps({"kind": kind, "method": method, "cfg": cfg})
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", payload],
@@ -204,6 +484,51 @@ def _run_isolated(kind: str, method: Optional[str], cfg: dict) -> dict:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         return {"kind": kind, "method": method, "error": " | ".join(tail) or f"exit code {proc.returncode}"}
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def compare_markdown(report: dict) -> list:
+    """Tables of the compare / train_compare / stages measurements (ratios next to seconds)."""
+    lines: list = []
+    if report.get("load_average_after"):
+        lines += ["", "Load average (1, 5, 15 min) when the run ended: "
+                  + ", ".join(str(v) for v in report["load_average_after"])
+                  + f" on {report['machine'].get('cpu_cores_usable')} cores."]
+    for r in report["results"]:
+        if r.get("kind") == "compare" and "sizes" in r:
+            lines += ["", f"Inference against the authors' network, batch {r['batch']}, {r['threads']} threads, "
+                          "interleaved in one process (median seconds per batch; speed = reference s / ours s):", "",
+                      "| image size | path | s / batch | speed vs reference attention-only | "
+                      "speed vs reference shipped (full, autograd on) | max map error / range vs plain |",
+                      "|---|---|---|---|---|---|"]
+            for size, d in r["sizes"].items():
+                for name, sec in d["seconds_per_batch"].items():
+                    att = d["speed_vs_reference_attention"].get(name)
+                    full = d["speed_vs_reference_shipped"].get(name)
+                    err = d["map_error_vs_plain"].get(name)
+                    lines.append(f"| {size} | {name.replace('_', ' ')} | {sec:.4f} | "
+                                 f"{'1.00 (reference)' if name == 'reference_attention_only' else (f'{att:.2f}x' if att else '')} | "
+                                 f"{'1.00 (reference)' if name == 'reference_shipped_full_network' else (f'{full:.2f}x' if full else '')} | "
+                                 f"{'' if err is None else f'{err:.1e}'} |")
+            lines.append("")
+            lines.append("`fast` = BatchNorm folded + channels-last (what `score_prepared` runs); amcons in bfloat16 "
+                         "where the CPU has native bf16: " + ", ".join(
+                             f"{s}: {'yes' if d['amcons_bf16'] else 'no'}" for s, d in r["sizes"].items()) + ".")
+        elif r.get("kind") == "train_compare" and "images_per_second" in r:
+            lines += ["", f"Training steps, {r['image_size']} px, width {r['width']}, batch {r['batch_size']}, "
+                          "interleaved in one process:", "", "| network | images/s |", "|---|---|"]
+            lines += [f"| {k.replace('_', ' ')} | {v:.2f} |" for k, v in r["images_per_second"].items()]
+            lines += ["", f"dae after / before: {r['ratios']['dae_after_vs_before']:.2f}x (first-step loss relative "
+                          f"difference {r['dae_first_loss_rel_diff']:.1e}); amcons ours / authors': "
+                          f"{r['ratios']['amcons_ours_vs_reference']:.2f}x."]
+        elif r.get("kind") == "stages" and "seconds" in r:
+            sec = r["seconds"]
+            lines += ["", f"End to end, {r['method']}, one {'x'.join(map(str, r['volume_shape']))} 1 mm volume "
+                          f"({r['slices']} slices kept), {r['threads']} threads, median of "
+                          f"{len(r['runs']['total'])} runs:", "", "| stage | seconds | share |", "|---|---|---|"]
+            for k, v in sec.items():
+                share = "" if k == "total" else f"{100 * v / sec['total']:.0f} %"
+                lines.append(f"| {k.replace('_', ' ')} | {v:.3f} | {share} |")
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -244,6 +569,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name.replace('_', ' ')} | {value:.4f} |")
         lines += ["", f"Attention-only inference is {net['attention_speedup_vs_full_forward']:.1f}x faster than a full "
                   f"forward pass ({net['parameters']['attention']:,} of {net['parameters']['all']:,} parameters run)."]
+    lines += compare_markdown(report)
     errors = [r for r in report["results"] if "error" in r]
     if errors:
         lines += ["", "Failed measurements:"] + [f"- {r['kind']} {r.get('method')}: {r['error']}" for r in errors]
@@ -267,6 +593,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--slices", type=int, default=None, help="central slices per volume (default: whole brain)")
     p.add_argument("--distinct-volumes", type=int, default=2)
     p.add_argument("--no-isolate", action="store_true", help="run every measurement in this process")
+    p.add_argument("--measure", nargs="+", default=list(MEASUREMENTS), choices=MEASUREMENTS,
+                   help="which measurements (compare / train_compare / stages: against the authors' network "
+                        "and per stage, each interleaved in one process)")
+    p.add_argument("--compare-sizes", type=int, nargs="+", default=[224, 128],
+                   help="image sizes of the inference comparison with the authors' network")
+    p.add_argument("--train-size", type=int, default=96, help="train_compare image size (CPU profile: 96)")
+    p.add_argument("--train-width", type=int, default=16, help="train_compare width (CPU profile: 16)")
+    p.add_argument("--train-repeats", type=int, default=5, help="timed steps per network in train_compare")
+    p.add_argument("--e2e-method", default="amcons", choices=("amcons", "gradcamcons", "vae", "dae"),
+                   help="method of the per-stage end-to-end profile")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -284,8 +620,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     cfg = {k: getattr(args, k) for k in ("device", "image_size", "width", "latent_dim", "batch_size",
                                           "eval_batch_size", "train_steps", "repeats", "resolution", "slices",
-                                          "distinct_volumes", "methods")}
-    jobs = [("train", m) for m in args.methods] + [("score_volume", m) for m in args.methods] + [("network", None)]
+                                          "distinct_volumes", "methods", "compare_sizes", "train_size",
+                                          "train_width", "train_repeats", "e2e_method", "measure")}
+    jobs = []
+    for kind in args.measure:
+        jobs += [(kind, m) for m in args.methods] if kind in ("train", "score_volume") else [(kind, None)]
     results = []
     for kind, method in jobs:
         print(f"measuring {kind} {method or ''}".rstrip(), file=sys.stderr, flush=True)
@@ -295,6 +634,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             results.append(_run_isolated(kind, method, cfg))
     report = {"command": command_line(__file__, argv), "machine": machine_info(args.device), "config": cfg,
               "isolated": not args.no_isolate, "results": results}
+    if hasattr(os, "getloadavg"):  # a shared machine slows everything; ratios stay comparable (interleaved)
+        report["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     args.output.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     text = markdown(report)
     if args.markdown:

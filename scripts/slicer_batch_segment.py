@@ -126,7 +126,9 @@ def segmentCase(logic, path, stem, modelPath, args):
     volume, result, worker = logic.segmentFile(path, modelPath, percentile=args.percentile, device=args.device,
                                                progressCallback=ProgressPrinter(stem))
     write_case_outputs(args.output, stem, volume, result, overwrite=args.overwrite,
-                       extra_report={"method": worker.get("method", ""), "model_file": str(modelPath)})
+                       extra_report={"method": worker.get("method", ""), "model_file": str(modelPath),
+                                     **{k: worker[k] for k in ("input_check", "brain_extraction", "bias_correction")
+                                        if k in worker}})
     return result
 
 

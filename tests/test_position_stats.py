@@ -91,13 +91,54 @@ def test_dae_model_with_position_stats_round_trips_and_normalises_scores(tmp_pat
     back.intensity_stats = PositionStats.fit([p.images for p in prepared], [p.masks for p in prepared],
                                              [p.slice_indices for p in prepared], grid=(4, 4, 4))
     z_int = back.intensity_stats.normalise(prepared[0].images, prepared[0].masks, prepared[0].slice_indices)
+    assert back.method.intensity_term == "bright-position"  # the default: hyperintense deviations only
+    np.testing.assert_allclose(score_prepared(back, prepared[0], device="cpu"),
+                               (expected + np.maximum(z_int, 0)) / 2.0, rtol=1e-5, atol=1e-5)
+    back.method.intensity_term = "abs-position"  # files written before the field: (z_map + |z_int|) / 2
     np.testing.assert_allclose(score_prepared(back, prepared[0], device="cpu"), (expected + np.abs(z_int)) / 2.0,
                                rtol=1e-5, atol=1e-5)
     back.save(tmp_path / "fused.pt")
     assert load_model(tmp_path / "fused.pt").intensity_stats is not None
+    # the one-sided global term: max((x - mean) / std, 0) with one healthy brain mean/std
+    back.method.intensity_term = "bright-global"
+    back.intensity_stats = PositionStats.fit([p.images for p in prepared], [p.masks for p in prepared],
+                                             [p.slice_indices for p in prepared], grid=(1, 1, 1))
+    brain = np.concatenate([p.images[p.masks] for p in prepared]).astype(np.float64)
+    mu, sd = brain.mean(), brain.std()
+    d = np.where(prepared[0].masks, np.maximum((prepared[0].images - mu) / sd, 0.0), 0.0)
+    np.testing.assert_allclose(score_prepared(back, prepared[0], device="cpu"), (expected + d) / 2.0,
+                               rtol=1e-4, atol=1e-4)
+    back.save(tmp_path / "global.pt")
+    again = load_model(tmp_path / "global.pt")
+    assert again.method.intensity_term == "bright-global" and again.intensity_stats.mean.shape == (1, 1, 1)
+    back.method.intensity_term = "abs-position"
     back.intensity_stats = None  # a fusing model without its statistics is refused on load
     back.save(tmp_path / "broken.pt")
     from AnomalySegLib.errors import ModelFileError
 
     with pytest.raises(ModelFileError, match="intensity statistics"):
         load_model(tmp_path / "broken.pt")
+
+
+def test_intensity_terms_against_hand_computed_values():
+    from AnomalySegLib.nn.methods import MethodParams
+    from AnomalySegLib.pipeline.inference import intensity_deviation
+
+    z = np.array([2.0, -2.0, 1.0, -1.0, 0.5])
+    sign = np.array([1.0, -1.0, -1.0, 0.0, 1.0])  # sign of the dae's residual x - f(x)
+    np.testing.assert_array_equal(intensity_deviation(z, "abs-position"), [2, 2, 1, 1, 0.5])
+    np.testing.assert_array_equal(intensity_deviation(z, "bright-position"), [2, 0, 1, 0, 0.5])
+    np.testing.assert_array_equal(intensity_deviation(z, "bright-global"), [2, 0, 1, 0, 0.5])
+    np.testing.assert_array_equal(intensity_deviation(z, "agree-position", sign), [2, 2, 0, 0, 0.5])
+    with pytest.raises(ValueError, match="intensity_term"):
+        MethodParams(method="dae", position_normalise=True, fuse_intensity=1.0, intensity_term="dark")
+    with pytest.raises(ValueError, match="signed residual"):
+        MethodParams(method="amcons", position_normalise=True, fuse_intensity=1.0, intensity_term="agree-position")
+
+
+def test_model_settings_without_an_intensity_term_keep_the_fusion_they_were_written_with():
+    from AnomalySegLib.nn.methods import MethodParams
+
+    old = {k: v for k, v in MethodParams.defaults("dae").to_dict().items() if k != "intensity_term"}
+    assert MethodParams.from_dict(old).intensity_term == "abs-position"  # files before the field: |z|
+    assert MethodParams.defaults("dae").intensity_term == "bright-position"  # new models

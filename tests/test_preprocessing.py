@@ -202,7 +202,8 @@ def test_config_validation_and_dict_round_trip():
     cfg = PreprocessConfig(image_size=96, low_percentile=0.5, reference_percentile=60.0, fov_margin=0.1)
     assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.to_dict() == {"image_size": 96, "low_percentile": 0.5, "reference_percentile": 60.0,
-                             "reference_level": 0.5, "fov_margin": 0.1, "min_brain_fraction": 0.03}
+                             "reference_level": 0.5, "fov_margin": 0.1, "min_brain_fraction": 0.03,
+                             "brain_extraction": "auto", "bias_correction": False}
     assert PreprocessConfig.from_dict({"image_size": 64}).low_percentile == 1.0
     with pytest.raises(ValueError, match="unknown"):
         PreprocessConfig.from_dict({"image_size": 64, "spacing": 1})

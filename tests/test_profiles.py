@@ -31,7 +31,8 @@ def test_profile_settings_and_overrides():
 def test_train_without_tuning_flags_uses_and_records_the_profile(synthetic_cohort, tmp_path, capsys):
     out = tmp_path / "m.pt"
     # the fast profile on this CPU, shrunk only where the test must stay fast
-    code = main(["train", *map(str, synthetic_cohort["healthy"][:4]), "-o", str(out), "--quiet",
+    # not --quiet: the resolved settings are announced on stderr (--quiet silences them)
+    code = main(["train", *map(str, synthetic_cohort["healthy"][:4]), "-o", str(out),
                  "--epochs", "1", "--image-size", "32", "--width", "4", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 0, err
@@ -44,6 +45,7 @@ def test_train_without_tuning_flags_uses_and_records_the_profile(synthetic_cohor
     assert config["batch_size"] == PROFILES["fast"]["batch_size"]
     assert (config["image_size"], config["base_width"], config["epochs"]) == (32, 4, 1)
     assert info["network"]["architecture"] == "unet"
+    assert info["method"]["intensity_term"] == "bright-position"  # the dae's default fusion term
     cal = info["calibration"]
     assert cal["operating_percentile"] >= info["method"]["default_percentile"]
     assert cal["min_component_ml"] > 0 and cal["false_components_per_volume"] is not None
@@ -51,7 +53,7 @@ def test_train_without_tuning_flags_uses_and_records_the_profile(synthetic_cohor
 
 def test_fine_tuning_keeps_the_base_models_method(trained_model_path, synthetic_cohort, tmp_path, capsys):
     out = tmp_path / "tuned.pt"
-    code = main(["train", *map(str, synthetic_cohort["healthy"][:3]), "-o", str(out), "--quiet", "--init",
+    code = main(["train", *map(str, synthetic_cohort["healthy"][:3]), "-o", str(out), "--init",
                  str(trained_model_path), "--epochs", "1", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 0, err
@@ -59,3 +61,27 @@ def test_fine_tuning_keeps_the_base_models_method(trained_model_path, synthetic_
     assert main(["info", str(out)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["method"]["method"] == "amcons" and info["training"]["fine_tuned_from"]
+
+
+def test_intensity_term_flag_reaches_the_training_settings(synthetic_cohort, tmp_path, capsys, monkeypatch):
+    import AnomalySegLib.pipeline.training as training
+    from AnomalySegLib.errors import AnomalySegError
+
+    seen = {}
+
+    def fake_train_model(healthy, config, **kwargs):
+        seen["params"] = training.method_params_for(config)
+        raise AnomalySegError("stopped by the test")
+
+    monkeypatch.setattr(training, "train_model", fake_train_model)
+    code = main(["train", *map(str, synthetic_cohort["healthy"][:2]), "-o", str(tmp_path / "m.pt"), "--quiet",
+                 "--intensity-term", "abs-position", "--device", "cpu"])
+    assert code == 1 and "stopped by the test" in capsys.readouterr().err
+    assert seen["params"].intensity_term == "abs-position" and seen["params"].method == "dae"
+    try:  # a usage error: refused before anything runs
+        code = main(["train", str(synthetic_cohort["healthy"][0]), "-o", str(tmp_path / "x.pt"),
+                     "--intensity-term", "dark"])
+    except SystemExit as exc:
+        code = exc.code
+    assert code not in (0, None) and "--intensity-term" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()

@@ -560,3 +560,37 @@ def test_module_test_case_runs_against_slicer_core(mrml, tmp_path, monkeypatch):
     finally:
         scene.RemoveObserver(tag)
     assert (tmp_path / "AnomalySegTest.seg.nrrd").is_file()
+
+
+def test_extracted_brain_becomes_a_brain_segment_and_the_check_is_shown(mrml, oblique_case, tmp_path):
+    """A worker result with ``extracted_brain`` gives "<input> brain" (segment "Brain") on the
+    input's grid and the input check line; a later run without extraction removes it."""
+    from AnomalySegLib.io.volume_io import read_volume, write_nifti
+
+    logic = mrml.logic
+    input_node = logic.loadVolume(oblique_case.path)
+    _, _, result = _hand_made_result(tmp_path, oblique_case, input_node, logic)
+    exported = read_volume(tmp_path / "exported_input.nii")
+    brain = to_grid(oblique_case.head.astype(np.uint8), oblique_case.affine, exported.affine, exported.shape)
+    brain_path = tmp_path / "brain.nii"
+    write_nifti(brain_path, brain, exported, dtype=np.uint8)
+    record = {"input_check": {"has_skull": True, "reason": "skull present"},
+              "brain_extraction": {"setting": "auto", "ran": True, "brain_volume_ml": 1234.4},
+              "bias_correction": {"ran": False}}
+    out = logic.loadSegmentResult(input_node, {**result, **record, "extracted_brain": str(brain_path)})
+    node = out.brainSegmentationNode
+    assert node is not None and node.GetName() == "case brain"
+    segment = node.GetSegmentation().GetSegment(logic.BRAIN_SEGMENT_ID)
+    assert segment is not None and segment.GetName() == "Brain"
+    labelmap = slicer.vtkOrientedImageData()
+    node.GetBinaryLabelmapRepresentation(logic.BRAIN_SEGMENT_ID, labelmap)
+    assert labelmap.GetPointData().GetScalars() is not None
+    # the anomaly segmentation still holds only the anomaly segment
+    assert out.segmentationNode.GetSegmentation().GetNumberOfSegments() == 1
+    line = AnomalySeg.formatInputCheck(out.inputCheck)
+    assert "skull present" in line and "brain extracted" in line and "1234 mL" in line
+    again = logic.loadSegmentResult(input_node, {**result, "input_check": {"has_skull": False},
+                                                 "brain_extraction": {"setting": "auto", "ran": False}})
+    assert again.brainSegmentationNode is None and mrml.scene.GetNodeByID(node.GetID()) is None
+    assert AnomalySeg.formatInputCheck(again.inputCheck) == "Input check: skull-stripped; no brain extraction."
+    assert AnomalySeg.formatInputCheck({}) == ""

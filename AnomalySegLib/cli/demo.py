@@ -111,6 +111,10 @@ def run_demo(
     if epochs is not None:
         cfg["epochs"] = epochs
     out = Path(output_dir)
+    if not str(output_dir).strip():
+        raise OutputError("the output folder name is empty")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--output-dir {out} is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputError(f"{out} is not empty (use --overwrite, or choose another --output-dir)")
     out.mkdir(parents=True, exist_ok=True)

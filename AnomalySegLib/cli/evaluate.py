@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from .args import fraction, percentile, positive_int
+from .args import fraction, nonempty_path, percentile, positive_int
 from ..errors import InputError
 
 LABEL_PATTERN = "{name}_label.nii.gz"
@@ -46,7 +46,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--label-pattern", type=_pattern, default=LABEL_PATTERN,
                    help="label file name for image NAME (default: %(default)s)")
     p.add_argument("--healthy", metavar="DIR", help="folder of lesion-free volumes (false-positive fraction)")
-    p.add_argument("--output-dir", "-o", required=True, metavar="DIR", help="where the report is written")
+    p.add_argument("--output-dir", "-o", required=True, type=nonempty_path, metavar="DIR",
+                   help="where the report is written")
     p.add_argument("--percentile", type=percentile, default=None,
                    help="healthy percentile for the calibrated threshold (default: the method's)")
     p.add_argument("--detection-overlap", type=fraction, default=0.0,
@@ -58,6 +59,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--image-size", type=positive_int, default=224,
                    help="--baseline only: preprocessing slice size (as the models; multiple of 32)")
     p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--brain-extraction", choices=("auto", "on", "off"), default=None,
+                   help="brain extraction for this run (default: the model's; auto for the baseline)")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="baseline only: N4 bias-field correction before the normalisation (a model keeps its own)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -117,6 +122,13 @@ def run(args: argparse.Namespace) -> int:
 
         method: Any = load_model(args.model)
         source = str(args.model)
+        if args.bias_correction:
+            raise InputError("--bias-correction is a setting of the model file (anomalyseg train --bias-correction); "
+                             "with --model it cannot change")
+        if args.brain_extraction is not None:
+            import dataclasses
+
+            method.preprocessing = dataclasses.replace(method.preprocessing, brain_extraction=args.brain_extraction)
     else:
         from ..pipeline.baselines import IntensityBaseline
         from ..data.preprocessing import PreprocessConfig
@@ -128,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         if overlap:
             raise InputError(f"{sorted(overlap)[0].name} is both a calibration and a test volume")
         try:
-            config = PreprocessConfig(image_size=args.image_size)
+            config = PreprocessConfig(image_size=args.image_size, brain_extraction=args.brain_extraction or "auto",
+                                      bias_correction=bool(args.bias_correction))
         except ValueError as exc:
             raise InputError(str(exc)) from None
         method = IntensityBaseline(args.baseline_mode, config).fit(calibration, progress=progress)

@@ -6,6 +6,10 @@ model-space maps (one per kept slice) back onto the volume's own voxel grid.
 
 Steps (docs/ARCHITECTURE.md, "Preprocessing"):
 
+0. raw input (:func:`.raw_input.prepare_raw_input`): input check (skull present?), brain
+   extraction (``config.brain_extraction``: auto | deepbet | off) and N4 bias correction
+   (``config.bias_correction``); voxels outside an extracted brain are set to 0. With the
+   defaults a skull-stripped volume passes through unchanged;
 1. reject NaN/Inf, non-3D and constant volumes (InputError);
 2. canonical axial reorientation (permutation + flips only, :mod:`.geometry`);
 3. robust intensity normalisation per volume: ``low`` = ``low_percentile`` of all
@@ -16,7 +20,8 @@ Steps (docs/ARCHITECTURE.md, "Preprocessing"):
    of that scan) but barely moves the median;
 4. one square in-plane field of view (FOV) per volume, in millimetres, centred on the
    bounding box of the foreground (voxels above the Otsu threshold, union over all
-   slices), side = largest extent * (1 + ``fov_margin``), resampled to
+   slices, without specks under 1% of the head's projection: an isolated outlier voxel
+   moves neither the FOV nor, capped for the Otsu threshold, the normalisation), side = largest extent * (1 + ``fov_margin``), resampled to
    ``image_size`` x ``image_size`` square pixels with linear interpolation (0 outside
    the volume);
 5. per-slice tissue masks (:func:`.brain_mask.tissue_masks`);
@@ -45,14 +50,16 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-from scipy import sparse
+from scipy import ndimage, sparse
 from skimage.filters import threshold_otsu
 
 from .brain_mask import tissue_masks
+from .raw_input import prepare_raw_input, resolve_brain_extraction
 from ..errors import InputError
 from ..io.geometry import AxisReorientation, canonical_reorientation, voxel_spacing
 from ..settings import JsonSettings
 from ..io.volume_io import Volume
+from ..progress import CancelCallback, ProgressCallback
 
 # Coordinates this close outside the grid (float round-off) count as on the edge.
 _EDGE_EPS = 1e-6
@@ -68,6 +75,12 @@ class PreprocessConfig(JsonSettings):
     reference_level: float = 0.5
     fov_margin: float = 0.08
     min_brain_fraction: float = 0.03
+    #: ``auto`` (extract the brain when the input check finds a skull), ``deepbet``
+    #: (always), ``off`` (never; a scan with a skull is refused). Model files written
+    #: before this field read as ``auto``: on skull-stripped data nothing changes.
+    brain_extraction: str = "auto"
+    #: N4 bias-field correction before the normalisation (off: see docs/BENCHMARKS.md).
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or int(self.image_size) != self.image_size:
@@ -86,6 +99,9 @@ class PreprocessConfig(JsonSettings):
             raise ValueError(f"fov_margin must be in [0, 10], got {self.fov_margin}")
         if not 0.0 <= self.min_brain_fraction < 1.0:
             raise ValueError(f"min_brain_fraction must be in [0, 1), got {self.min_brain_fraction}")
+        self.brain_extraction = resolve_brain_extraction(self.brain_extraction)
+        if not isinstance(self.bias_correction, bool):
+            raise ValueError(f"bias_correction must be true or false, got {self.bias_correction!r}")
 
 
 @dataclass
@@ -114,6 +130,10 @@ class PreparedVolume:
     intensity_low: float
     intensity_high: float
     name: str = "volume"
+    #: The raw-input step's record (input check, extraction, bias correction; JSON-able)
+    #: and the extracted brain (bool, the input's voxel grid) or None when not extracted.
+    raw_input: Optional[dict] = None
+    extracted_brain: Optional[np.ndarray] = None
 
     @property
     def image_size(self) -> int:
@@ -165,15 +185,45 @@ def _resample_slices(arr: np.ndarray, col_i: np.ndarray, row_j: np.ndarray) -> n
     return out
 
 
+#: Percentile above which a voxel may be an outlier, and how far (in multiples of the
+#: ``low``..p99.9 range) above it the maximum must lie to be capped for the Otsu threshold.
+OUTLIER_PERCENTILE = 99.9
+OUTLIER_FACTOR = 3.0
+
+#: Foreground components of the in-plane projection smaller than this share of the largest
+#: one (isolated bright voxels outside the head) do not widen the field of view.
+MIN_FOV_COMPONENT_FRACTION = 0.01
+
+
+def _head_projection(proj: np.ndarray) -> np.ndarray:
+    """The in-plane foreground projection without specks far from the head.
+
+    The field of view is the bounding box of the foreground; one bright voxel in a corner
+    would otherwise stretch it to the whole slice and change every model input. Only the
+    8-connected components of at least :data:`MIN_FOV_COMPONENT_FRACTION` of the largest
+    one are kept (a clean head projects to one component: unchanged).
+    """
+    labels, count = ndimage.label(proj, structure=np.ones((3, 3), dtype=bool))
+    if count <= 1:
+        return proj
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = np.flatnonzero(sizes >= MIN_FOV_COMPONENT_FRACTION * sizes.max()) + 1
+    return np.isin(labels, keep)
+
+
 def _volume_name(volume: Volume) -> str:
     return volume.name if isinstance(volume, Volume) else "volume"
 
 
-def prepare_volume(volume: Volume, config: Optional[PreprocessConfig] = None) -> PreparedVolume:
+def prepare_volume(volume: Volume, config: Optional[PreprocessConfig] = None, *,
+                   progress: Optional[ProgressCallback] = None,
+                   cancel: Optional[CancelCallback] = None) -> PreparedVolume:
     """Preprocess one volume into model-ready axial images (see module docstring).
 
-    Raises InputError for a non-3D, non-finite or constant volume, and when no slice
-    has enough tissue ("no brain tissue found in <name> ...").
+    Raises InputError for a non-3D, non-finite or constant volume, for a scan with its
+    skull when ``config.brain_extraction`` is ``off``, and when no slice has enough
+    tissue ("no brain tissue found in <name> ..."). ``progress`` / ``cancel`` reach the
+    brain extraction and bias correction (stages ``skullstrip`` and ``bias``).
     """
     cfg = config if config is not None else PreprocessConfig()
     name = _volume_name(volume)
@@ -186,17 +236,29 @@ def prepare_volume(volume: Volume, config: Optional[PreprocessConfig] = None) ->
     affine = np.asarray(volume.affine, dtype=np.float64)
 
     reo = canonical_reorientation(affine, data.shape)
-    arr = reo.to_canonical(data)
+    # Step 0 (data/raw_input.py): input check, brain extraction, bias correction; on a
+    # skull-stripped volume with the default settings the data pass through unchanged.
+    raw = prepare_raw_input(data, affine, brain_extraction=cfg.brain_extraction,
+                            bias_correction=cfg.bias_correction, name=name, progress=progress, cancel=cancel)
+    arr = reo.to_canonical(raw.data)
     caff = reo.canonical_affine(affine)
 
     vmin, vmax = float(arr.min()), float(arr.max())
     if not vmax > vmin:
         raise InputError(f"{name}: constant volume (every voxel is {vmin:g}); nothing to segment")
-    otsu = float(threshold_otsu(arr))
+    low, top = (float(v) for v in np.percentile(arr, [cfg.low_percentile, OUTLIER_PERCENTILE]))
+    # An isolated extreme voxel (a hot pixel, a marker, a corrupted corner) must not set the
+    # foreground threshold: when the maximum lies far above the 99.9th percentile, Otsu runs
+    # on values capped there (a clean volume never reaches this branch: unchanged result).
+    cap = top + OUTLIER_FACTOR * (top - low)
+    otsu = float(threshold_otsu(np.minimum(arr, np.float32(cap)) if vmax > cap else arr))
     fg = arr > otsu
     if not fg.any():  # cannot happen for a non-constant volume, but never index empty arrays
         fg = arr > vmin
-    low = float(np.percentile(arr, cfg.low_percentile))
+    raw_proj = fg.any(axis=2)
+    proj = _head_projection(raw_proj)
+    if not np.array_equal(proj, raw_proj):  # specks outside the head: not foreground either
+        fg &= proj[:, :, None]
     reference = float(np.percentile(arr[fg], cfg.reference_percentile))
     if not reference > low:
         reference = vmax
@@ -211,7 +273,6 @@ def prepare_volume(volume: Volume, config: Optional[PreprocessConfig] = None) ->
     np.clip(norm, 0.0, 1.0, out=norm)
 
     # Square FOV in mm around the foreground bounding box (union over slices).
-    proj = fg.any(axis=2)
     ii = np.flatnonzero(proj.any(axis=1))
     jj = np.flatnonzero(proj.any(axis=0))
     si, sj = (float(v) for v in voxel_spacing(caff)[:2])
@@ -251,39 +312,58 @@ def prepare_volume(volume: Volume, config: Optional[PreprocessConfig] = None) ->
         intensity_low=low,
         intensity_high=high,
         name=name,
+        raw_input=raw.report,
+        extracted_brain=raw.brain_mask,
     )
 
 
-def to_volume_grid(maps: np.ndarray, prepared: PreparedVolume, *, order: int = 1) -> np.ndarray:
+#: Kept slices mapped back per chunk in :func:`to_volume_grid` (bounds its temporaries).
+GRID_CHUNK_SLICES = 16
+
+
+def to_volume_grid(maps: np.ndarray, prepared: PreparedVolume, *, order: int = 1,
+                   threshold: Optional[float] = None) -> np.ndarray:
     """Map model-space maps ``[N, S, S]`` (one per kept slice) onto the original voxel grid.
 
     Returns float32 ``(I, J, K)`` in the input volume's index order: each kept slice is
     sampled from its map with interpolation ``order`` (1 linear, 0 nearest), voxels
-    outside the FOV and slices not kept are 0, then the reorientation is undone.
+    outside the FOV and slices not kept are 0, then the reorientation is undone. With
+    ``threshold`` the result is the bool ``value >= threshold`` instead.
+
+    Slices are mapped in chunks straight into the output (through a canonical view of
+    it), so the only full-size array is the result itself (large volumes: issue 12).
     """
     maps = np.asarray(maps)
     n, size = prepared.num_slices, prepared.image_size
     if maps.shape != (n, size, size):
         raise ValueError(f"expected maps of shape {(n, size, size)}, got {maps.shape}")
-    maps = maps.astype(np.float32, copy=False)
     ni, nj, nk = prepared.canonical_shape
     origin, step = prepared.fov_origin_ij, prepared.fov_step_ij
     col_of_i = (np.arange(ni) - origin[0]) / step[0]
     row_of_j = (np.arange(nj) - origin[1]) / step[1]
     ci = _interp_matrix(col_of_i, size, order)  # [I, S_c]
     rj = _interp_matrix(row_of_j, size, order)  # [J, S_r]
-    m = np.ascontiguousarray(maps.transpose(1, 0, 2)).reshape(size, n * size)  # [S_r, N*S_c]
-    t = rj @ m  # [J, N*S_c]
-    t = np.ascontiguousarray(np.asarray(t).reshape(nj, n, size).transpose(2, 0, 1)).reshape(size, nj * n)
-    u = np.asarray(ci @ t, dtype=np.float32).reshape(ni, nj, n)  # [I, J, N]
-    canonical = np.zeros((ni, nj, nk), dtype=np.float32)
-    canonical[:, :, prepared.slice_indices] = u
-    return prepared.reorientation.from_canonical(canonical)
+    out = np.zeros(prepared.shape, dtype=bool if threshold is not None else np.float32)
+    canonical = prepared.reorientation.canonical_view(out)  # [I, J, K] view of out
+    for start in range(0, n, GRID_CHUNK_SLICES):
+        chunk = maps[start:start + GRID_CHUNK_SLICES].astype(np.float32, copy=False)
+        c = chunk.shape[0]
+        m = np.ascontiguousarray(chunk.transpose(1, 0, 2)).reshape(size, c * size)  # [S_r, c*S_c]
+        t = rj @ m  # [J, c*S_c]
+        t = np.ascontiguousarray(np.asarray(t).reshape(nj, c, size).transpose(2, 0, 1)).reshape(size, nj * c)
+        u = np.asarray(ci @ t, dtype=np.float32).reshape(ni, nj, c)  # [I, J, c]
+        ks = prepared.slice_indices[start:start + c]
+        canonical[:, :, ks] = (u >= threshold) if threshold is not None else u
+    return out
 
 
 def brain_mask_in_volume(prepared: PreparedVolume) -> np.ndarray:
-    """The kept slices' tissue masks on the original voxel grid (bool ``(I, J, K)``)."""
-    return to_volume_grid(prepared.masks.astype(np.float32), prepared, order=1) >= 0.5
+    """The kept slices' tissue masks on the original voxel grid (bool ``(I, J, K)``),
+    within the extracted brain when extraction ran (so maps are 0 outside it)."""
+    brain = to_volume_grid(prepared.masks, prepared, order=1, threshold=0.5)
+    if prepared.extracted_brain is not None:
+        brain &= prepared.extracted_brain
+    return brain
 
 
 def pixel_to_ras(prepared: PreparedVolume, slice_index: int, rows, cols) -> np.ndarray:

@@ -64,6 +64,8 @@ from ..errors import InputError, OutputError
 from ..segmentation.lesions import mask_bounding_box
 
 __all__ = [
+    "add_synthetic_skull",
+    "package_data_file",
     "Template",
     "LesionSpec",
     "SyntheticCase",
@@ -191,15 +193,26 @@ class SyntheticCase:
 # --------------------------------------------------------------------------- templates
 
 
+def package_data_file(package: str, *parts: str) -> Optional[Path]:
+    """A data file shipped inside an installed package, found without importing it (slow
+    imports: nilearn, nimare); None when the package or the file is absent."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = Path(location).joinpath(*parts)
+        if path.is_file():
+            return path
+    return None
+
+
 def _nilearn_data_dir() -> Path:
     """Folder of nilearn's bundled data, found without importing nilearn (slow)."""
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or not spec.submodule_search_locations:
+    if importlib.util.find_spec("nilearn") is None:
         raise InputError(_NILEARN_MISSING)
-    for location in spec.submodule_search_locations:
-        folder = Path(location) / "datasets" / "data"
-        if all((folder / f).is_file() for f in _MNI_FILES.values()):
-            return folder
+    files = [package_data_file("nilearn", "datasets", "data", f) for f in _MNI_FILES.values()]
+    if all(files):
+        return files[0].parent
     raise InputError(_NILEARN_MISSING + " (installed nilearn lacks datasets/data/mni_icbm152_*)")
 
 
@@ -906,3 +919,23 @@ def make_cohort(
     except OSError as exc:
         raise OutputError(f"cannot write cohort into {out}: {exc.strerror or exc}") from exc
     return manifest
+
+
+def add_synthetic_skull(data: np.ndarray, affine: np.ndarray, gap_mm: float = 5.0, ring_mm: float = 5.0,
+                        seed: int = 0) -> np.ndarray:
+    """A skull-stripped volume with a head around it: a dark gap (bone, ``gap_mm`` thick) and a
+    bright ring (scalp fat, ``ring_mm``) outside the brain (``data > 0``), distances in mm.
+
+    For tests and measurements of the input check and brain extraction (data/raw_input.py).
+    """
+    rng = np.random.default_rng(seed)
+    brain = data > 0
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    out_dist = ndimage.distance_transform_edt(~brain, sampling=spacing)
+    ref = float(np.median(data[brain]))
+    out = data.copy()
+    gap = (out_dist > 0) & (out_dist <= gap_mm)
+    ring = (out_dist > gap_mm) & (out_dist <= gap_mm + ring_mm)
+    out[gap] = np.abs(rng.normal(0.04 * ref, 0.02 * ref, int(gap.sum())))
+    out[ring] = rng.normal(1.25 * ref, 0.05 * ref, int(ring.sum()))
+    return out.astype(np.float32)

@@ -156,6 +156,15 @@ class AxisReorientation:
         self._check(array.shape, self.shape, "to_canonical")
         return np.ascontiguousarray(_nio().apply_orientation(array, self._ornt))
 
+    def canonical_view(self, array: np.ndarray) -> np.ndarray:
+        """A view of an input-order array in the canonical order (no copy): writing into it
+        fills ``array`` (how results are put back on the input grid without a second copy)."""
+        self._check(array.shape, self.shape, "canonical_view")
+        view = _nio().apply_orientation(array, self._ornt)
+        if not np.shares_memory(view, array):  # pragma: no cover - nibabel returns views
+            raise RuntimeError("canonical_view: reorientation made a copy")
+        return view
+
     def from_canonical(self, array: np.ndarray) -> np.ndarray:
         """Exact inverse of :meth:`to_canonical` (back to the input's index order)."""
         array = np.asarray(array)

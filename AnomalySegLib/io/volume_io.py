@@ -8,8 +8,10 @@ series go through SimpleITK, whose LPS geometry is converted with
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
@@ -59,6 +61,12 @@ class Volume:
     def shape(self) -> tuple[int, int, int]:
         """Array shape ``(I, J, K)``."""
         return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
+
+    def grid_only(self) -> "Volume":
+        """The same grid (shape, affine, path, meta) without the voxels: what writers need
+        as a reference once a volume has been scored (frees the input's memory)."""
+        return Volume(data=np.broadcast_to(np.zeros((), dtype=np.float32), self.shape), affine=self.affine,
+                      path=self.path, meta=dict(self.meta))
 
     @property
     def spacing(self) -> np.ndarray:
@@ -248,7 +256,8 @@ def _from_sitk(img: sitk.Image, path: Path, fmt: str) -> Volume:
 def _read_dicom_series(folder: Path, series_file: Optional[Path] = None) -> Volume:
     """First DICOM series in ``folder`` (or the series holding ``series_file``)."""
     try:
-        ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        with _quiet_itk():
+            ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     except Exception as exc:
         raise InputError(f"{folder}: cannot list DICOM series ({_short(exc)})") from exc
     if not ids:
@@ -258,30 +267,104 @@ def _read_dicom_series(folder: Path, series_file: Optional[Path] = None) -> Volu
         try:
             r = sitk.ImageFileReader()
             r.SetFileName(str(series_file))
-            r.ReadImageInformation()
+            with _quiet_itk():
+                r.ReadImageInformation()
             uid = r.GetMetaData("0020|000e").strip() if r.HasMetaDataKey("0020|000e") else ""
         except Exception as exc:
             raise InputError(f"{series_file}: cannot read DICOM file ({_short(exc)})") from exc
         if uid in ids:
             chosen = uid
     try:
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen)
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(files)
-        img = reader.Execute()
+        with _quiet_itk():
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen)
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(files)
+            reader.MetaDataDictionaryArrayUpdateOn()
+            img = reader.Execute()
     except Exception as exc:
         raise InputError(f"{folder}: cannot read DICOM series {chosen} ({_short(exc)})") from exc
+    _check_slice_spacing(folder, reader, len(files), img)
     target = folder if series_file is None else series_file
     vol = _from_sitk(img, target, "dicom")
     vol.meta.update({"series_uid": chosen, "n_files": len(files)})
     return vol
 
 
+_ITK_NOISE = (
+    re.compile(r"Exception thrown in SimpleITK \w+:\s*"),        # the SimpleITK wrapper's prefix
+    re.compile(r"\S+\.(?:cxx|hxx|cpp|h|txx):\d+:?\s*"),           # C++ source paths and lines
+    re.compile(r"\(0x[0-9a-fA-F]+\)"),                             # object addresses
+    re.compile(r"\b(?:sitk|itk)::(?:ERROR|WARNING):\s*"),
+)
+
+
 def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    """One line describing ``exc``: no C++ source paths, object addresses or line breaks."""
+    text = str(exc)
+    is_itk = "SimpleITK" in text or "itk::" in text
+    for pattern in _ITK_NOISE:
+        text = pattern.sub(" ", text)
+    text = " ".join(text.split())
     if len(text) > 200:
         text = text[:200] + "..."
+    if is_itk:
+        return text or "SimpleITK could not read it"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _quiet_itk():
+    """Silence ITK's own multi-line warnings on stderr: what matters is checked and
+    reported in one line by the reader (e.g. non-uniform DICOM slice spacing)."""
+    previous = sitk.ProcessObject_GetGlobalWarningDisplay()
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject_SetGlobalWarningDisplay(previous)
+
+
+#: Largest tolerated deviation of one DICOM slice gap from the median gap, as a fraction
+#: of it: a missing or truncated slice (skipped by GDCM) deviates by 100%.
+MAX_SLICE_GAP_DEVIATION = 0.1
+
+
+def _check_slice_spacing(folder: Path, reader: "sitk.ImageSeriesReader", n_files: int, img: "sitk.Image") -> None:
+    """InputError when the slices of a DICOM series are not evenly spaced (a slice is
+    missing, truncated or duplicated): ITK would stack them anyway, misplacing every
+    slice after the gap."""
+    positions = []
+    normal = None
+    for i in range(n_files):
+        try:
+            ipp = [float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")]
+            if normal is None:
+                iop = [float(v) for v in reader.GetMetaData(i, "0020|0037").split("\\")]
+                normal = np.cross(iop[:3], iop[3:6])
+        except (RuntimeError, ValueError, IndexError):
+            positions = []
+            break
+        positions.append(ipp)
+    if len(positions) >= 3 and normal is not None and np.linalg.norm(normal) > 0:
+        along = np.sort(np.asarray(positions, dtype=np.float64) @ (normal / np.linalg.norm(normal)))
+        gaps = np.diff(along)
+        median = float(np.median(gaps))
+        worst = int(np.argmax(np.abs(gaps - median)))
+        if median <= 0 or abs(gaps[worst] - median) > max(MAX_SLICE_GAP_DEVIATION * median, 1e-3):
+            raise InputError(
+                f"{folder}: DICOM slices are not evenly spaced ({gaps[worst]:.3g} mm between slices {worst + 1} "
+                f"and {worst + 2}, {median:.3g} mm elsewhere): a slice is missing, truncated or duplicated")
+        return
+    key = "ITK_non_uniform_sampling_deviation"
+    if img.HasMetaDataKey(key):  # no per-slice positions: trust ITK's own measure
+        spacing = img.GetSpacing()[2]
+        try:
+            deviation = float(img.GetMetaData(key))
+        except ValueError:
+            deviation = float("inf")
+        if deviation > MAX_SLICE_GAP_DEVIATION * spacing:
+            raise InputError(f"{folder}: DICOM slices are not evenly spaced (deviation {deviation:.3g} mm): "
+                             "a slice is missing, truncated or duplicated")
 
 
 def read_volume(path: PathLike) -> Volume:
@@ -304,7 +387,8 @@ def read_volume(path: PathLike) -> Volume:
     if lower.endswith(".dcm"):
         return _read_dicom_series(p.parent, series_file=p)
     try:
-        img = sitk.ReadImage(str(p))
+        with _quiet_itk():
+            img = sitk.ReadImage(str(p))
     except Exception as exc:
         raise InputError(f"{p}: cannot read image file ({_short(exc)})") from exc
     ext = _volume_extension(p)
@@ -355,12 +439,16 @@ def write_nifti(
     """
     p = Path(path)
     img = nifti_image(data, reference, dtype=dtype, description=description)
-    raw = img.to_bytes()
     lower = p.name.lower()
-    if ".nii.gz" in lower or lower.endswith(".gz"):
-        raw = gzip.compress(raw, compresslevel=6, mtime=0)
     try:
-        p.write_bytes(raw)
+        # streamed slab by slab by nibabel (no whole-file bytes in memory); the gzip stream
+        # has no name and mtime 0, like gzip.compress (reproducible files)
+        with open(p, "wb") as raw:
+            if ".nii.gz" in lower or lower.endswith(".gz"):
+                with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0, filename="") as gz:
+                    img.to_file_map({"image": nib.FileHolder(fileobj=gz), "header": nib.FileHolder(fileobj=gz)})
+            else:
+                img.to_file_map({"image": nib.FileHolder(fileobj=raw), "header": nib.FileHolder(fileobj=raw)})
     except OSError as exc:
         raise OutputError(f"{p}: cannot write file ({_short(exc)})") from exc
 

@@ -24,16 +24,22 @@ PathLike = Union[str, "os.PathLike[str]"]
 FORMAT_NAME = "anomalyseg-model"
 
 
-def write_payload(payload: dict, path: PathLike) -> None:
-    """``torch.save`` the archive atomically; OutputError when it cannot be written."""
+def write_payload(payload: dict, path: PathLike, *, overwrite: bool = True) -> None:
+    """``torch.save`` the archive atomically; OutputError when it cannot be written.
+
+    Without ``overwrite`` an existing file (even one created by a concurrent run while
+    this one was working) is never replaced (:func:`..io.atomic.replacing`).
+    """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"cannot write {path}: folder {parent} does not exist")
     try:
-        atomic_write(path, lambda temp: torch.save(payload, temp))
+        atomic_write(path, lambda temp: torch.save(payload, temp), overwrite=overwrite)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except RuntimeError as exc:  # torch's zip writer reports a failed write (e.g. a full disk) so
+        raise OutputError(f"cannot write {path}: the write failed (is the disk full?)") from exc
 
 
 def read_payload(path: PathLike, expected_format: str = FORMAT_NAME) -> dict:

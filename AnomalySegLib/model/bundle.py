@@ -145,7 +145,7 @@ class AnomalyModel:
             "intensity_stats": json.dumps(self.intensity_stats.to_dict()) if self.intensity_stats is not None else "",
             "state_dict": state,
         }
-        write_payload(payload, path)
+        write_payload(payload, path, overwrite=overwrite)
 
 
 def load_model(path: PathLike, *, device: Union[str, torch.device] = "cpu") -> AnomalyModel:
@@ -165,6 +165,9 @@ def load_model(path: PathLike, *, device: Union[str, torch.device] = "cpu") -> A
         position_stats = PositionStats.from_dict(json.loads(stats_json)) if stats_json else None
         intensity_json = payload.get("intensity_stats") or ""
         intensity_stats = PositionStats.from_dict(json.loads(intensity_json)) if intensity_json else None
+        if preprocessing.image_size != network_config.image_size:
+            raise ValueError(f"its preprocessing makes {preprocessing.image_size}-pixel slices but its network "
+                             f"takes {network_config.image_size}-pixel slices")
         if method.fuse_intensity > 0 and intensity_stats is None:
             raise ValueError("the method fuses intensity but the file has no intensity statistics")
         network = build_network(network_config)

@@ -13,7 +13,6 @@ atomically (temporary file in the folder, then rename).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from typing import Callable, Optional, Sequence, Union
 
 from ..errors import InputError, ModelFileError, OutputError
 from ..io.atomic import atomic_write, atomic_write_text
+from ..io.checksum import file_sha256
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -48,15 +48,6 @@ def inspect_model(path: PathLike) -> dict:
     from .bundle import load_model
 
     return load_model(path).summary()
-
-
-def file_sha256(path: PathLike) -> str:
-    """Hex SHA-256 of a file's bytes (identifies identical model files)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def safe_model_name(name: str) -> str:

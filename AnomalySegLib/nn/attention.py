@@ -25,6 +25,11 @@ def activation_map(features: Tensor) -> Tensor:
     """Eq. 6: channel mean of a stage activation, ``[B, K, h, w] -> [B, h, w]``."""
     if features.dim() != 4:
         raise ValueError(f"features must be [B, K, h, w], got {list(features.shape)}")
+    if features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous():
+        # channels-last (the fast inference copy): channels are innermost, so reduce them
+        # there instead of copying to NCHW first; bf16/fp16 activations accumulate in float32
+        low = features.dtype in (torch.bfloat16, torch.float16)
+        return features.permute(0, 2, 3, 1).mean(dim=-1, dtype=torch.float32 if low else None)
     return features.mean(dim=1)
 
 

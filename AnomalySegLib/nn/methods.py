@@ -40,7 +40,7 @@ from .losses import (
 )
 from .networks import ConvVAE
 from .unet import UNet
-from ..settings import JsonSettings, check_percentile
+from ..settings import INTENSITY_TERMS, METHOD_NAMES, JsonSettings, check_percentile
 
 __all__ = [
     "METHODS",
@@ -54,7 +54,7 @@ __all__ = [
     "erode_mask",
 ]
 
-METHODS = ("amcons", "gradcamcons", "vae", "dae")
+METHODS = METHOD_NAMES
 
 #: Network architecture each method trains (:data:`.models.ARCHITECTURES`).
 ARCHITECTURE_OF = {"amcons": "vae", "gradcamcons": "vae", "vae": "vae", "dae": "unet"}
@@ -75,6 +75,13 @@ def _check_method(method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return method
+
+
+
+
+def intensity_term_is_global(term: str) -> bool:
+    """Whether ``term`` is normalised by one global healthy mean/std (else per position)."""
+    return term.endswith("-global")
 
 
 @dataclass
@@ -99,9 +106,14 @@ class MethodParams(JsonSettings):
     #: (:mod:`.position_stats`, fitted on the training volumes after training).
     position_normalise: bool = False
     #: Fusion with a healthy-normalised intensity deviation: the score becomes
-    #: ``(z_map + w * |z_intensity|) / (1 + w)`` with ``w = fuse_intensity`` and both maps
-    #: z-scored against healthy per-position statistics (0 = no fusion).
+    #: ``(z_map + w * d) / (1 + w)`` with ``w = fuse_intensity`` (0 = no fusion) and ``d``
+    #: the intensity term chosen by ``intensity_term`` (:data:`INTENSITY_TERMS`).
     fuse_intensity: float = 0.0
+    #: ``abs-position``: |z| against healthy per-position statistics (files without the
+    #: field); ``bright-position``: max(z, 0) of the same (hyperintense deviations only);
+    #: ``bright-global`` / ``abs-global``: the same against one healthy brain mean/std;
+    #: ``agree-position`` (dae): |z| where the residual x - f(x) has the sign of z.
+    intensity_term: str = "abs-position"
 
     def __post_init__(self) -> None:
         _check_method(self.method)
@@ -126,6 +138,11 @@ class MethodParams(JsonSettings):
             raise ValueError(f"MethodParams.fuse_intensity must be in [0, 100], got {self.fuse_intensity}")
         if self.fuse_intensity > 0 and not self.position_normalise:
             raise ValueError("MethodParams.fuse_intensity needs position_normalise (both maps are z-scored)")
+        if self.intensity_term not in INTENSITY_TERMS:
+            raise ValueError(f"MethodParams.intensity_term must be one of {', '.join(INTENSITY_TERMS)}, "
+                             f"got {self.intensity_term!r}")
+        if self.intensity_term.startswith("agree") and self.method != "dae":
+            raise ValueError("MethodParams.intensity_term 'agree-position' needs the dae's signed residual")
         check_percentile(self.default_percentile, "MethodParams.default_percentile")
 
     @classmethod
@@ -144,10 +161,13 @@ class MethodParams(JsonSettings):
         if method == "gradcamcons":
             return cls(method=method, beta=1.0, t=20.0, p=0.2, lambda_s=10.0, default_percentile=95.0)
         if method == "dae":
-            # position z-scores + intensity fusion: chosen on the development data
-            # (docs/BENCHMARKS.md, post-processing study), measured on held-out seeds
+            # position z-scores + fusion with the hyperintense intensity deviation: chosen on
+            # the development data (docs/BENCHMARKS.md, fusion study), measured on held-out
+            # seeds. One-sided because |z| also rewards dark healthy CSF edges, which raises
+            # the healthy threshold for every bright lesion; dark lesions rest on the dae alone.
             return cls(method=method, beta=0.0, noise_std=0.2, noise_cells=16, default_percentile=98.0,
-                       smoothing_mm=DAE_SMOOTHING_MM, position_normalise=True, fuse_intensity=1.0)
+                       smoothing_mm=DAE_SMOOTHING_MM, position_normalise=True, fuse_intensity=1.0,
+                       intensity_term="bright-position")
         return cls(method=method, beta=1.0, default_percentile=98.0)
 
 
@@ -266,7 +286,7 @@ def erode_mask(mask: Tensor, pixels: int = ERODE_PIXELS) -> Tensor:
     return grown[:, 0] < 0.5
 
 
-def anomaly_scores(model: ConvVAE, x: Tensor, mask: Tensor, method: str) -> Tensor:
+def anomaly_scores(model: ConvVAE, x: Tensor, mask: Tensor, method: str, *, signed: bool = False) -> Tensor:
     """Pixel anomaly scores [B, S, S] (float32, 0 outside the mask) for ``method``.
 
     The model runs in eval mode (its previous mode is restored afterwards) and only the
@@ -299,7 +319,8 @@ def anomaly_scores(model: ConvVAE, x: Tensor, mask: Tensor, method: str) -> Tens
             return minmax_normalise(upsample(cam.detach(), size), mask)
         if method == "dae":
             with torch.inference_mode():
-                residual = (x.float() - model(x).float()).abs().mean(dim=1)
+                residual = (x.float() - model(x).float()).mean(dim=1)
+                residual = residual if signed else residual.abs()
                 scores = torch.where(erode_mask(mask), residual, torch.zeros_like(residual))
             return scores.clone()
         with torch.inference_mode():

@@ -121,7 +121,7 @@ class IntensityBaseline:
         check_cancel(cancel)
         volume = _as_volume(volume)
         emit(progress, ProgressEvent("prepare", 0.0, message="preprocessing"))
-        prepared = prepare_volume(volume, self.preprocessing)
+        prepared = prepare_volume(volume, self.preprocessing, progress=progress, cancel=cancel)
         scores = scores_on_volume_grid(self.score_prepared(prepared), prepared, volume, smoothing_mm=self.smoothing_mm)
         emit(progress, ProgressEvent("segment", 1.0, message="scored"))
         return scores
@@ -179,7 +179,7 @@ class IntensityBaseline:
         out = []
         for index, item in enumerate(items):
             check_cancel(cancel)
-            out.append(prepare_volume(_as_volume(item), self.preprocessing))
+            out.append(prepare_volume(_as_volume(item), self.preprocessing, cancel=cancel))
             emit(progress, ProgressEvent(stage, (index + 1) / len(items), message=f"healthy volume {index + 1}/{len(items)}"))
         return out
 

@@ -81,7 +81,7 @@ def calibrate(
     for index, item in enumerate(healthy):
         check_cancel(cancel)
         volume = item if isinstance(item, Volume) else read_volume(item)
-        prepared.append(prepare_volume(volume, model.preprocessing))
+        prepared.append(prepare_volume(volume, model.preprocessing, progress=progress, cancel=cancel))
         names.append(str(volume.path.name) if volume.path is not None else f"volume{index}")
         emit(progress, ProgressEvent("prepare", (index + 1) / max(len(healthy), 1),
                                      message=f"read {index + 1}/{len(healthy)}"))

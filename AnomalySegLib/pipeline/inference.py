@@ -16,8 +16,9 @@ from ..data.preprocessing import PreparedVolume, brain_mask_in_volume, prepare_v
 from ..errors import ModelFileError
 from ..io.geometry import voxel_spacing
 from ..io.volume_io import Volume
-from ..nn.device import autocast_for, resolve_device
+from ..nn.device import resolve_device
 from ..nn.methods import anomaly_scores
+from ..nn.speed import configure_cpu_threads, inference_autocast, inference_dtype, inference_network
 from ..progress import CancelCallback, ProgressCallback, ProgressEvent, check_cancel, emit
 from ..segmentation.calibration import resolve_percentile
 from ..segmentation.postprocess import smooth_in_mask
@@ -43,26 +44,47 @@ def score_prepared(
     their healthy z-scores (``normalise=False`` gives the raw maps, to fit them).
     """
     dev = resolve_device(device)
-    network = model.network.to(dev).eval()
+    model.network.to(dev).eval()
+    # BatchNorm folded, channels-last, cached per model while its weights are unchanged
+    dtype = inference_dtype(dev, model.name)  # bfloat16 only for amcons on CPUs with native bf16
+    network = inference_network(model.network, dev, dtype=dtype)
+    if dev.type == "cpu":
+        configure_cpu_threads()
     count = len(prepared.images)
     out = np.zeros(prepared.images.shape, dtype=np.float32)
+    # the agree-* fusion needs the sign of the network's residual x - f(x)
+    signed = bool(normalise and model.method.fuse_intensity > 0 and model.method.intensity_term.startswith("agree"))
     for start in range(0, count, batch_size):
         check_cancel(cancel)
         stop = min(start + batch_size, count)
-        x = torch.from_numpy(np.ascontiguousarray(prepared.images[start:stop], dtype=np.float32)).unsqueeze(1).to(dev)
+        x = torch.from_numpy(np.ascontiguousarray(prepared.images[start:stop], dtype=np.float32)).unsqueeze(1)
+        x = x.to(dev, dtype)
         m = torch.from_numpy(np.ascontiguousarray(prepared.masks[start:stop])).to(dev)
-        with autocast_for(dev):
-            scores = anomaly_scores(network, x, m, model.name)
+        with inference_autocast(dev, model.name):  # CUDA mixed precision (nn/speed.py)
+            scores = anomaly_scores(network, x, m, model.name, signed=signed)
         out[start:stop] = scores.detach().float().cpu().numpy()
         if on_batch is not None:
             on_batch(stop, count)
+    sign = None
+    if signed:
+        sign, out = np.sign(out), np.abs(out)
     if model.position_stats is not None and normalise:
         out = model.position_stats.normalise(out, prepared.masks, prepared.slice_indices)
         w = float(model.method.fuse_intensity)
         if w > 0 and model.intensity_stats is not None:
             z_int = model.intensity_stats.normalise(prepared.images, prepared.masks, prepared.slice_indices)
-            out = (out + w * np.abs(z_int)) / (1.0 + w)
+            out = (out + w * intensity_deviation(z_int, model.method.intensity_term, sign)) / (1.0 + w)
     return out
+
+
+def intensity_deviation(z: np.ndarray, term: str, residual_sign: Optional[np.ndarray] = None) -> np.ndarray:
+    """The fusion's intensity term (``MethodParams.intensity_term``) from intensity z-scores:
+    ``|z|`` (``abs-*``), ``max(z, 0)`` (``bright-*``: hyperintense deviations only), or
+    (``agree-*``) ``|z|`` where the intensity deviates in the direction of the network's
+    signed residual ``x - f(x)`` and 0 elsewhere."""
+    if term.startswith("agree"):
+        return np.where(np.sign(z) == residual_sign, np.abs(z), 0.0)
+    return np.abs(z) if term.startswith("abs") else np.maximum(z, 0.0)
 
 
 @dataclass
@@ -72,6 +94,10 @@ class VolumeScores:
     heatmap: np.ndarray
     brain_mask: np.ndarray
     volume: Optional[Volume] = None
+    #: The raw-input step's record (input check, brain extraction, bias correction) and
+    #: the extracted brain on the input grid (None when extraction did not run).
+    raw_input: Optional[dict] = None
+    extracted_brain: Optional[np.ndarray] = None
 
 
 def scores_on_volume_grid(maps: np.ndarray, prepared: PreparedVolume, volume: Optional[Volume] = None,
@@ -83,11 +109,12 @@ def scores_on_volume_grid(maps: np.ndarray, prepared: PreparedVolume, volume: Op
     map inside the brain (:func:`.postprocess.smooth_in_mask`, sigma in mm).
     """
     brain = brain_mask_in_volume(prepared)
-    heatmap = to_volume_grid(maps, prepared, order=1).astype(np.float32)
+    heatmap = to_volume_grid(maps, prepared, order=1)  # float32, a new array
     heatmap[~brain] = 0.0
     if smoothing_mm > 0:
-        heatmap = smooth_in_mask(heatmap, brain, smoothing_mm, voxel_spacing(prepared.affine))
-    return VolumeScores(heatmap=heatmap, brain_mask=brain, volume=volume)
+        heatmap = smooth_in_mask(heatmap, brain, smoothing_mm, voxel_spacing(prepared.affine), out=heatmap)
+    return VolumeScores(heatmap=heatmap, brain_mask=brain, volume=volume, raw_input=prepared.raw_input,
+                        extracted_brain=prepared.extracted_brain)
 
 
 def score_volume(
@@ -101,7 +128,7 @@ def score_volume(
 ) -> VolumeScores:
     """Preprocess ``volume`` exactly as in training, score it, map the scores back."""
     emit(progress, ProgressEvent("prepare", 0.0, message="preprocessing"))
-    prepared = prepare_volume(volume, model.preprocessing)
+    prepared = prepare_volume(volume, model.preprocessing, progress=progress, cancel=cancel)
 
     def on_batch(done: int, total: int) -> None:
         emit(progress, ProgressEvent("segment", 0.05 + 0.9 * done / total, step=done, steps=total,

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional
 
-__all__ = ["PROFILES", "LEARNING_RATES", "PROFILE_CHOICES", "DEFAULT_METHOD", "resolve_profile", "profile_settings"]
+from ..settings import METHOD_NAMES  # re-exported: the command line's choices, without torch
+
+__all__ = ["METHOD_NAMES", "PROFILES", "LEARNING_RATES", "PROFILE_CHOICES", "DEFAULT_METHOD", "resolve_profile", "profile_settings"]
 
 #: The default learned method (best measured on the benchmark; see docs/BENCHMARKS.md).
 DEFAULT_METHOD = "dae"

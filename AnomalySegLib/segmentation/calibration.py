@@ -57,6 +57,18 @@ class Calibration:
     #: Mean false components per held-out healthy volume measured at the operating point.
     false_components_per_volume: Optional[float] = None
 
+    def __post_init__(self) -> None:
+        # a table that is not finite and monotone gives NaN thresholds and empty masks:
+        # refuse it wherever it comes from (a file, a worker message, a calibration run)
+        self.percentiles = np.asarray(self.percentiles, dtype=np.float64)
+        self.values = np.asarray(self.values, dtype=np.float64)
+        if self.percentiles.shape != self.values.shape or self.percentiles.ndim != 1 or len(self.percentiles) < 2:
+            raise ValueError("calibration table is malformed")
+        if not (np.all(np.isfinite(self.values)) and np.all(np.isfinite(self.percentiles))):
+            raise ValueError("calibration table holds non-finite thresholds")
+        if np.any(np.diff(self.percentiles) <= 0) or np.any(np.diff(self.values) < 0):
+            raise ValueError("calibration table is not monotonic")
+
     def default_percentile(self, fallback: float) -> float:
         """The operating percentile when the calibration has one, else ``fallback``."""
         return float(self.operating_percentile) if self.operating_percentile is not None else float(fallback)
@@ -141,6 +153,9 @@ class Calibration:
         scores = np.asarray(scores, dtype=np.float64).ravel()
         if scores.size == 0:
             raise InputError("no healthy brain-tissue pixels to calibrate on")
+        if not np.all(np.isfinite(scores)):
+            raise InputError(f"the model gave {int(np.count_nonzero(~np.isfinite(scores)))} non-finite (NaN/Inf) "
+                             "scores on healthy volumes: the model is broken, retrain it")
         values = np.percentile(scores, TABLE_PERCENTILES)
         values = np.maximum.accumulate(values)  # guard against float round-off making it non-monotonic
         return cls(TABLE_PERCENTILES.copy(), values, int(scores.size), n_images, n_volumes, source)

@@ -16,7 +16,7 @@ same at 1 mm and at 2 mm.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -61,24 +61,61 @@ def _labels(mask: np.ndarray) -> Tuple[tuple, np.ndarray, np.ndarray]:
     return box, labels, np.bincount(labels.ravel(), minlength=count + 1)
 
 
-def smooth_in_mask(heatmap: np.ndarray, brain_mask: np.ndarray, sigma_mm: float, spacing_mm: Sequence[float]) -> np.ndarray:
+def smooth_in_mask(heatmap: np.ndarray, brain_mask: np.ndarray, sigma_mm: float, spacing_mm: Sequence[float],
+                   *, out: Optional[np.ndarray] = None) -> np.ndarray:
     """Gaussian smoothing (sigma in mm, per-axis voxel spacing) restricted to the brain.
 
     Normalised convolution: ``G*(h m) / G*m`` inside the mask, 0 outside, so values from
     outside the brain (zeros) do not pull the map down along the brain boundary.
-    ``sigma_mm`` 0 returns a float32 copy.
+    ``sigma_mm`` 0 returns a float32 copy. ``out`` (float32, may be ``heatmap`` itself:
+    smoothing in place) receives the result.
     """
     heat = np.asarray(heatmap, dtype=np.float32)
     brain = np.asarray(brain_mask, dtype=bool)
+    if out is None:
+        out = np.zeros_like(heat)
+    elif out.shape != heat.shape or out.dtype != np.float32:
+        raise ValueError("smooth_in_mask: out must be float32 of the heatmap's shape")
     if not sigma_mm > 0:
-        return heat.copy()
+        if out is not heat:
+            out[...] = heat
+        return out
     sigma = [float(sigma_mm) / float(s) for s in spacing_mm]
-    weights = brain.astype(np.float32)
-    num = ndimage.gaussian_filter(np.where(brain, heat, 0.0).astype(np.float32), sigma, mode="constant", truncate=3.0)
-    den = ndimage.gaussian_filter(weights, sigma, mode="constant", truncate=3.0)
-    out = np.zeros_like(heat)
-    np.divide(num, den, out=out, where=brain & (den > 1e-6))
+    # Slabs along the last axis with a halo of the kernel's radius give exactly the
+    # whole-volume result (each output voxel sees the same inputs) while the temporaries
+    # stay a slab's size instead of four copies of the volume (large volumes: issue 12).
+    # In place, the original planes of the previous slab's end are kept for the next halo.
+    nk = heat.shape[-1]
+    halo = int(3.0 * sigma[-1] + 0.5)
+    slab = max(SMOOTH_SLAB, halo, 1)  # >= halo: the kept planes are all still original
+    in_place = np.shares_memory(out, heat)
+    kept = None  # original planes [kept_from, k0) when smoothing in place
+    kept_from = 0
+    for k0 in range(0, nk, slab):
+        k1 = min(nk, k0 + slab)
+        a0, a1 = max(0, k0 - halo), min(nk, k1 + halo)
+        block = heat[..., a0:a1]
+        if in_place and a0 < k0:
+            block = np.concatenate([kept[..., a0 - kept_from:], heat[..., k0:a1]], axis=-1)
+        part_brain = brain[..., a0:a1]
+        num = np.where(part_brain, block, np.float32(0.0)).astype(np.float32, copy=False)
+        del block
+        ndimage.gaussian_filter(num, sigma, output=num, mode="constant", truncate=3.0)
+        den = part_brain.astype(np.float32)
+        ndimage.gaussian_filter(den, sigma, output=den, mode="constant", truncate=3.0)
+        inner = slice(k0 - a0, k1 - a0)
+        num, den, part_brain = num[..., inner], den[..., inner], part_brain[..., inner]
+        if in_place:
+            kept_from = max(0, k1 - halo)
+            kept = heat[..., kept_from:k1].copy()
+        result = np.zeros(num.shape, dtype=np.float32)
+        np.divide(num, den, out=result, where=part_brain & (den > 1e-6))
+        out[..., k0:k1] = result
     return out
+
+
+#: Planes per slab of :func:`smooth_in_mask`.
+SMOOTH_SLAB = 16
 
 
 def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:

@@ -107,7 +107,14 @@ def _task_segment(request: dict, proto: _Protocol, cancel: _CancelFlag) -> dict:
     Request: ``input`` (volume path), ``model`` (model path), ``heatmap`` (output
     ``.nii.gz``: float32 on the input's voxel grid, 0 outside the brain), optional
     ``brain_mask`` (output uint8 ``.nii.gz``), ``percentile`` (default: the model's
-    operating point), ``device`` (auto|cpu|cuda), ``batch_size``.
+    operating point), ``device`` (auto|cpu|cuda), ``batch_size``, ``brain_extraction``
+    (auto|on|off for this run; default: the model's setting), ``extracted_brain``
+    (output uint8 ``.nii.gz``, written only when brain extraction ran).
+
+    The result carries the raw-input record (``input_check``, ``brain_extraction``,
+    ``bias_correction``: see :func:`AnomalySegLib.data.raw_input.prepare_raw_input`) and
+    ``extracted_brain`` (the path, or None when extraction did not run). Extraction and
+    correction report progress as their own stages (``skullstrip``, ``bias``).
 
     The worker does not threshold: the result carries the model's calibration table,
     the percentile to start from and the method's fallback percentile, and the caller
@@ -119,6 +126,15 @@ def _task_segment(request: dict, proto: _Protocol, cancel: _CancelFlag) -> dict:
     model_path = _existing_file(_require(request, "model"), "model file", errors.ModelFileError)
     heatmap_path = Path(_require(request, "heatmap"))
     brain_path = Path(request["brain_mask"]) if request.get("brain_mask") else None
+    extracted_path = Path(request["extracted_brain"]) if request.get("extracted_brain") else None
+    brain_extraction = request.get("brain_extraction") or None
+    if brain_extraction is not None:
+        from ..data.raw_input import resolve_brain_extraction
+
+        try:
+            brain_extraction = resolve_brain_extraction(brain_extraction)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
     percentile = request.get("percentile")
     device = request.get("device") or "auto"
     batch_size = int(request.get("batch_size") or 16)
@@ -141,6 +157,10 @@ def _task_segment(request: dict, proto: _Protocol, cancel: _CancelFlag) -> dict:
     if model.calibration is None:  # worded for every front end (no command-line syntax)
         raise errors.ModelFileError(f"model {model_path.name} is not calibrated: calibrate it on healthy volumes first")
     pct = resolve_percentile(percentile, model.calibration, model.method.default_percentile)
+    if brain_extraction is not None:
+        import dataclasses
+
+        model.preprocessing = dataclasses.replace(model.preprocessing, brain_extraction=brain_extraction)
     scores = score_volume(model, volume, device=dev, batch_size=batch_size, progress=proto.progress, cancel=cancel)
     from ..progress import ProgressEvent, check_cancel
 
@@ -153,7 +173,14 @@ def _task_segment(request: dict, proto: _Protocol, cancel: _CancelFlag) -> dict:
         brain_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(brain_path, lambda tmp: write_nifti(tmp, scores.brain_mask.astype(np.uint8), volume,
                                                          dtype=np.uint8, description="AnomalySeg brain mask"))
+    extracted = scores.extracted_brain
+    if extracted_path is not None and extracted is not None:
+        extracted_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(extracted_path, lambda tmp: write_nifti(tmp, extracted.astype(np.uint8), volume, dtype=np.uint8,
+                                                             description="AnomalySeg extracted brain"))
     return {
+        **(scores.raw_input or {}),
+        "extracted_brain": str(extracted_path) if extracted_path is not None and extracted is not None else None,
         "input": str(input_path),
         "model": str(model_path),
         "heatmap": str(heatmap_path),
@@ -244,7 +271,8 @@ def _task_calibrate(request: dict, proto: _Protocol, cancel: _CancelFlag) -> dic
     """Re-calibrate a model on healthy volumes (never anomalous ones).
 
     Request: ``model``, ``healthy`` and/or ``healthy_dir``, optional ``output``
-    (default: overwrite ``model`` atomically), ``device``, ``batch_size``.
+    (default: overwrite ``model`` atomically), ``device``, ``batch_size``,
+    ``brain_extraction`` (auto|on|off, this run only).
     """
     from ..pipeline.calibrate import calibrate
     from ..nn.device import resolve_device
@@ -255,8 +283,20 @@ def _task_calibrate(request: dict, proto: _Protocol, cancel: _CancelFlag) -> dic
     healthy = _healthy_inputs(request)
     dev = resolve_device(request.get("device") or "auto")
     model = load_model(model_path, device=dev)
+    stored = model.preprocessing
+    if request.get("brain_extraction"):  # auto|on|off for this run; the file keeps its setting
+        import dataclasses
+
+        from ..data.raw_input import resolve_brain_extraction
+
+        try:
+            setting = resolve_brain_extraction(request["brain_extraction"])
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        model.preprocessing = dataclasses.replace(stored, brain_extraction=setting)
     model.calibration = calibrate(model, healthy, device=dev, batch_size=int(request.get("batch_size") or 16),
                                   progress=proto.progress, cancel=cancel)
+    model.preprocessing = stored
     model.save(output, overwrite=True)
     summary = model.summary()
     return {"model": str(output), "version": model.version, "calibration": summary["calibration"]}
