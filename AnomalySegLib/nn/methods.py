@@ -77,8 +77,6 @@ def _check_method(method: str) -> str:
     return method
 
 
-
-
 def intensity_term_is_global(term: str) -> bool:
     """Whether ``term`` is normalised by one global healthy mean/std (else per position)."""
     return term.endswith("-global")
