@@ -364,17 +364,7 @@ def test_training_start_live_loss_and_stop(h, tmp_path, monkeypatch):
     folder = tmp_path / "healthy"
     folder.mkdir()
     w._parameterNode.healthyFolder = folder
-    worker = FakeWorker(None)
-    requests = []
-
-    def start(request, progressCallback=None, logCallback=None):
-        requests.append(request)
-        worker.progressCallback = progressCallback
-        w.logic._worker = worker
-        return worker
-
-    monkeypatch.setattr(w.logic, "startWorker", start)
-    monkeypatch.setattr(w.logic, "ensureDependencies", lambda **kwargs: True)
+    requests, worker = _capture_training(w, monkeypatch)
     w.onStartTraining()
     assert requests[0]["task"] == "train" and requests[0]["healthy_dir"] == str(folder)
     assert not h.ui.startTrainingButton.enabled and h.ui.stopTrainingButton.enabled
