@@ -63,3 +63,19 @@ def test_calibrate_prepared_uses_brain_voxels_of_the_thresholded_map(tiny_model,
     tiny_model.calibration = cal
     flagged = sum(int(threshold_scores(s, tiny_model, percentile=98.0).mask.sum()) for s in scored)
     assert flagged / voxels.size == pytest.approx(0.02, abs=0.002)
+
+
+def test_scoring_without_the_input_voxels_gives_the_same_map(tiny_model, healthy_volumes):
+    """``segment`` frees the input's voxels before the full-size map is built (memory):
+    scoring a prepared volume against the grid alone must give the identical map."""
+    from AnomalySegLib.data.preprocessing import prepare_volume
+    from AnomalySegLib.pipeline.inference import score_prepared_volume, score_volume
+
+    volume = healthy_volumes[0]
+    whole = score_volume(tiny_model, volume, device="cpu")
+    grid = volume.grid_only()
+    assert not np.asarray(grid.data).any() and grid.data.strides == (0, 0, 0)  # no voxels held
+    lean = score_prepared_volume(tiny_model, prepare_volume(volume, tiny_model.preprocessing), grid, device="cpu")
+    np.testing.assert_array_equal(lean.heatmap, whole.heatmap)
+    np.testing.assert_array_equal(lean.brain_mask, whole.brain_mask)
+    np.testing.assert_array_equal(lean.volume.affine, volume.affine)

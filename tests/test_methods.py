@@ -1,5 +1,6 @@
 """Per-method training losses and anomaly scores."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -14,6 +15,7 @@ from AnomalySegLib.nn.methods import (
     METHODS,
     MethodParams,
     coarse_noise,
+    random_bias_field,
     anomaly_scores,
     default_warmup_epochs,
     erode_mask,
@@ -236,7 +238,7 @@ def test_coarse_noise_is_smooth_gaussian_at_the_cell_scale():
 def test_dae_loss_is_mse_to_the_clean_image_of_the_denoised_noisy_input():
     model = _model(method="dae").eval()  # eval: BatchNorm deterministic, so the loss can be recomputed
     x, mask = _batch()
-    params = MethodParams.defaults("dae")
+    params = dataclasses.replace(MethodParams.defaults("dae"), bias_augmentation=0.0)
     torch.manual_seed(3)
     loss, logs = training_loss(model, x, mask, params, epoch=0)
     torch.manual_seed(3)
@@ -245,6 +247,40 @@ def test_dae_loss_is_mse_to_the_clean_image_of_the_denoised_noisy_input():
     expected = ((model(noisy) - x) ** 2).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert logs == {"loss": pytest.approx(loss.item()), "rec": pytest.approx(loss.item())}
+
+
+def test_random_bias_field_is_smooth_positive_and_log_normal_at_the_given_std():
+    x = torch.zeros(256, 1, 48, 48)
+    field = random_bias_field(x, 0.1, torch.Generator().manual_seed(0))
+    assert field.shape == x.shape and bool((field > 0).all())
+    log = torch.log(field)
+    # log-field: bilinear interpolation of N(0, 0.01) nodes on a 3 x 3 grid (cells span
+    # 24 px): std between ~0.5 * 0.1 mid-cell and 0.1 at the nodes, mean ~ 0
+    assert 0.05 < float(log.std()) < 0.1 and abs(float(log.mean())) < 0.01
+    # smooth over the whole image: neighbours almost equal, opposite corners barely related
+    assert float((log[..., 1:] - log[..., :-1]).abs().max()) < 0.05
+    assert abs(float(torch.corrcoef(torch.stack([log[:, 0, 0, 0], log[:, 0, -1, -1]]))[0, 1])) < 0.4
+
+
+def test_dae_bias_augmentation_moves_input_and_target_together():
+    """With ``bias_augmentation`` the clean image is multiplied by one random field (then
+    clipped to [0, 1]) and that *biased* image is both the noisy input's base and the
+    target: loss = mse(f(b*x + noise*mask), b*x)."""
+    model = _model(method="dae").eval()
+    x, mask = _batch()
+    params = dataclasses.replace(MethodParams.defaults("dae"), bias_augmentation=0.2)
+    torch.manual_seed(5)
+    loss, _ = training_loss(model, x, mask, params, epoch=0)
+    torch.manual_seed(5)
+    biased = (random_bias_field(x, 0.2) * x).clamp(0.0, 1.0)
+    noisy = biased + coarse_noise(x, params.noise_std, params.noise_cells) * mask[:, None]
+    expected = ((model(noisy) - biased) ** 2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    plain = dataclasses.replace(params, bias_augmentation=0.0)
+    torch.manual_seed(5)
+    assert training_loss(model, x, mask, plain, epoch=0)[0].item() != pytest.approx(loss.item(), rel=1e-3)
+    with pytest.raises(ValueError, match="bias_augmentation"):
+        dataclasses.replace(params, bias_augmentation=-0.1)
 
 
 def test_dae_scores_are_residual_inside_eroded_mask_and_need_a_unet():

@@ -1,11 +1,13 @@
 """Post-processing and the healthy-only operating point, against hand-computed cases."""
 
+import math
 import numpy as np
 import pytest
 
 from AnomalySegLib.segmentation.calibration import Calibration
 from AnomalySegLib.segmentation.postprocess import (
     count_components,
+    false_rate_upper_bound,
     min_component_voxels,
     remove_small_components,
     select_operating_percentile,
@@ -71,18 +73,22 @@ def test_operating_percentile_is_lowest_meeting_the_budget():
     healthy = [(a, np.ones_like(a, bool), 0.008), (b, np.ones_like(b, bool), 0.008)]
     grid = np.round(np.arange(90.0, 100.0, 0.5), 6)
     pct, mean_false = select_operating_percentile(healthy, lambda p: p / 100.0, grid, start_percentile=90.0,
-                                                  min_component_ml=0.0, max_false_components=1.0)
+                                                  min_component_ml=0.0, max_false_components=1.0,
+                                                  budget_confidence=0.0)
     assert (pct, mean_false) == (96.0, 1.0)
     pct, mean_false = select_operating_percentile(healthy, lambda p: p / 100.0, grid, start_percentile=90.0,
-                                                  min_component_ml=0.0, max_false_components=0.0)
+                                                  min_component_ml=0.0, max_false_components=0.0,
+                                                  budget_confidence=0.0)
     assert (pct, mean_false) == (99.0, 0.0)
     # the start percentile already meets a loose budget
     pct, _ = select_operating_percentile(healthy, lambda p: p / 100.0, grid, start_percentile=92.0,
-                                         min_component_ml=0.0, max_false_components=2.0)
+                                         min_component_ml=0.0, max_false_components=2.0,
+                                         budget_confidence=0.0)
     assert pct == 92.0
     # single-voxel peaks are all below a 2-voxel minimum: nothing is false at the start
     pct, mean_false = select_operating_percentile(healthy, lambda p: p / 100.0, grid, start_percentile=90.0,
-                                                  min_component_ml=0.016, max_false_components=0.0)
+                                                  min_component_ml=0.016, max_false_components=0.0,
+                                                  budget_confidence=0.0)
     assert (pct, mean_false) == (90.0, 0.0)
 
 
@@ -90,8 +96,62 @@ def test_unreachable_budget_returns_highest_candidate_with_its_count():
     heat = _peaks_volume([5.0, 6.0])
     healthy = [(heat, np.ones_like(heat, bool), 0.008)]
     pct, mean_false = select_operating_percentile(healthy, lambda p: p / 100.0, [98.0, 99.0], start_percentile=98.0,
-                                                  min_component_ml=0.0, max_false_components=0.5)
+                                                  min_component_ml=0.0, max_false_components=0.5,
+                                                  budget_confidence=0.0)
     assert (pct, mean_false) == (99.0, 2.0)
+
+
+def test_false_rate_upper_bound_is_the_exact_poisson_bound():
+    from scipy.stats import poisson
+
+    # zero events: P(X = 0 | n u) = exp(-n u) = 1 - c  ->  u = -ln(1 - c) / n
+    assert false_rate_upper_bound(0, 8, 0.9) == pytest.approx(-math.log(0.1) / 8, rel=1e-9)
+    # one event: exp(-m) (1 + m) = 0.1 at m = 3.88972 (hand-solved), per volume m / n
+    assert false_rate_upper_bound(1, 4, 0.9) == pytest.approx(3.88972 / 4, rel=1e-5)
+    for total, n, c in [(4, 8, 0.9), (31, 40, 0.9), (7, 10, 0.75)]:
+        u = false_rate_upper_bound(total, n, c)
+        assert poisson.cdf(total, n * u) == pytest.approx(1 - c, rel=1e-9)  # the defining equation
+    assert false_rate_upper_bound(6, 8, 0.0) == 0.75  # confidence 0: the plain mean
+    for bad in [(-1, 8, 0.9), (1, 0, 0.9), (1, 8, 1.0), (1, 8, -0.1)]:
+        with pytest.raises(ValueError):
+            false_rate_upper_bound(*bad)
+
+
+def _peak_volumes(counts_above, n_volumes):
+    """``n_volumes`` volumes; threshold_at(p) = p / 100. Volume i carries
+    ``counts_above[i]`` isolated peaks at 0.95 (so above any threshold < 0.95)."""
+    vols = []
+    for i in range(n_volumes):
+        heat = _peaks_volume([0.95] * counts_above[i] + [0.5])
+        vols.append((heat, np.ones_like(heat, bool), 0.008))
+    return vols
+
+
+def test_operating_point_keeps_a_margin_that_shrinks_with_more_volumes():
+    grid = [90.0, 96.0]
+    # 8 volumes with 5 peaks in all (mean 0.625 <= 1): the 90 % bound is
+    # chi2.ppf(0.9, 12) / 16 = 18.549 / 16 = 1.159 > 1, so p90 is refused and p96 (none) taken
+    eight = _peak_volumes([1, 1, 1, 1, 1, 0, 0, 0], 8)
+    pct, mean_false = select_operating_percentile(eight, lambda p: p / 100.0, grid, start_percentile=90.0,
+                                                  min_component_ml=0.0, max_false_components=1.0)
+    assert (pct, mean_false) == (96.0, 0.0)
+    # 4 peaks (mean 0.5): bound chi2.ppf(0.9, 10) / 16 = 15.987 / 16 = 0.9992 <= 1: kept at p90
+    pct, mean_false = select_operating_percentile(_peak_volumes([1, 1, 1, 1, 0, 0, 0, 0], 8), lambda p: p / 100.0,
+                                                  grid, start_percentile=90.0, min_component_ml=0.0,
+                                                  max_false_components=1.0)
+    assert (pct, mean_false) == (90.0, 0.5)
+    # the same mean 0.625 on 40 volumes (25 peaks): bound chi2.ppf(0.9, 52) / 80 = 0.818 <= 1
+    forty = _peak_volumes([1] * 25 + [0] * 15, 40)
+    pct, mean_false = select_operating_percentile(forty, lambda p: p / 100.0, grid, start_percentile=90.0,
+                                                  min_component_ml=0.0, max_false_components=1.0)
+    assert (pct, mean_false) == (90.0, 0.625)
+    # a single volume: one false component is refused (bound 3.89), none is accepted (no data can show better)
+    pct, mean_false = select_operating_percentile(_peak_volumes([1], 1), lambda p: p / 100.0, grid,
+                                                  start_percentile=90.0, min_component_ml=0.0,
+                                                  max_false_components=1.0)
+    assert (pct, mean_false) == (96.0, 0.0)
+    with pytest.raises(ValueError, match="confidence"):
+        select_operating_percentile(eight, lambda p: p / 100.0, grid, start_percentile=90.0, budget_confidence=1.0)
 
 
 def test_smooth_in_mask_keeps_constants_at_the_boundary():
@@ -124,15 +184,26 @@ def test_calibration_operating_point_round_trip_and_flag():
     back = Calibration.from_dict(cal.to_dict())
     assert (back.operating_percentile, back.min_component_ml, back.max_false_components,
             back.false_components_per_volume) == (cal.operating_percentile, 0.016, 1.0, cal.false_components_per_volume)
+    assert back.budget_confidence == cal.budget_confidence == 0.9 and back.meets_budget() is True
+    # 3 volumes, 2 components (mean 0.67): bound chi2.ppf(0.9, 6) / 6 = 1.77 > 1 -> not met at 90 %,
+    # met under the plain mean of a file calibrated before the margin existed
+    back.false_components_per_volume = 2 / 3
+    assert back.meets_budget() is False
+    back.budget_confidence = None
+    assert back.meets_budget() is True
+    for wrong in (1.0, -0.5, "0.9"):
+        with pytest.raises(ValueError, match="confidence"):
+            Calibration.from_dict({**cal.to_dict(), "budget_confidence": wrong})
     with pytest.raises(ValueError, match="voxel_ml"):
         cal.flag(maps[0][0], maps[0][1], 99.0)
     # files written before the operating point existed: no minimum size, method default percentile
     old = cal.to_dict()
-    for key in ("operating_percentile", "min_component_ml", "max_false_components", "false_components_per_volume"):
+    for key in ("operating_percentile", "min_component_ml", "max_false_components", "false_components_per_volume",
+                "budget_confidence"):
         del old[key]
     legacy = Calibration.from_dict(old)
     assert legacy.operating_percentile is None and legacy.min_component_ml == 0.0
-    assert legacy.default_percentile(95.0) == 95.0
+    assert legacy.default_percentile(95.0) == 95.0 and legacy.meets_budget() is None
     mask, thr = legacy.flag(maps[0][0], maps[0][1], 98.0)
     assert mask.sum() == (maps[0][0] > thr).sum()
     bad = cal.to_dict()

@@ -8,6 +8,7 @@ Tolerances (max |fast - plain| / (max - min of the plain maps)):
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -166,9 +167,11 @@ def test_thread_helpers():
     assert speed.configure_cpu_threads() >= 1
 
 
-#: A training step of the Trainer's network (NCHW, float32) against float64: the loss and
-#: the weight gradient (max abs difference / max abs gradient). Channels-last was tried for
-#: training and rejected: its weight gradients missed float64 by ~3e-3 of the max (NCHW: ~3e-6).
+#: A training step of the Trainer's float32 path (NCHW: ``--no-amp``, and CPUs without native
+#: bf16) against float64: the loss and the weight gradient (max abs difference / max abs
+#: gradient). The default on CPUs with native bf16 (bf16 autocast + channels-last) is not
+#: bit-close by design; it is judged by the trained model's quality (docs/BENCHMARKS.md) and
+#: by tests/test_training.py::test_cpu_mixed_precision_trains_close_to_float32.
 TRAIN_LOSS_TOLERANCE = 1e-5
 TRAIN_GRAD_TOLERANCE = 1e-4
 
@@ -177,7 +180,10 @@ TRAIN_GRAD_TOLERANCE = 1e-4
 def test_training_step_matches_float64(method, arch):
     from AnomalySegLib.nn.methods import MethodParams, training_loss
 
-    params = MethodParams.defaults(method)
+    # without the bias-field augmentation: it clips brightened pixels to exactly 1.0, and the
+    # max-pool ties on those plateaus route gradients differently under 1e-7 input changes
+    # (a tie artefact, not an accuracy one), which would make this comparison meaningless
+    params = dataclasses.replace(MethodParams.defaults(method), bias_augmentation=0.0)
     x, mask = _batch(size=64, n=4)
     losses, grads = {}, {}
     for dtype in (torch.float32, torch.float64):
@@ -216,4 +222,8 @@ def test_benchmark_speed_compares_with_the_authors_network(tmp_path):
     assert size["speed_vs_reference_attention"]["ours_attention_only_fast"] > 0
     assert size["map_error_vs_plain"]["ours_attention_only_fast_fp32"] < 1e-4
     assert rows["train_compare"]["ratios"]["amcons_ours_vs_reference"] > 0
+    from AnomalySegLib.nn.speed import cpu_bf16_supported
+
+    # the Trainer's default mixed precision is measured where it runs (CPUs with native bf16)
+    assert ("amcons_ours_mixed_vs_reference" in rows["train_compare"]["ratios"]) is cpu_bf16_supported()
     assert "speed vs reference attention-only" in (tmp_path / "speed.md").read_text()

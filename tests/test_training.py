@@ -137,3 +137,38 @@ def test_other_methods_train_and_score(small_volumes, method):
     scores = score_volume(model, small_volumes[0], device="cpu")
     assert scores.heatmap.shape == small_volumes[0].data.shape
     assert np.all(scores.heatmap[~scores.brain_mask] == 0)
+
+
+@pytest.mark.parametrize("method", ["dae", "amcons"])
+def test_cpu_mixed_precision_trains_close_to_float32(small_volumes, tmp_path, method):
+    """``amp`` (the default) on a CPU: bfloat16 autocast + channels-last where the CPU has
+    native bfloat16, float32 elsewhere (then identical to ``amp=False``). Either way the run
+    is recorded, the saved weights are float32 in the usual layout, and training goes where
+    float32 training goes (first-step loss within bfloat16 precision)."""
+    from AnomalySegLib.model.bundle import load_model
+    from AnomalySegLib.nn.speed import cpu_bf16_supported
+
+    first_losses = {}
+
+    def record(name):
+        def on_event(event):
+            if event.stage == "train" and event.step == 1 and event.epoch == 1:
+                first_losses[name] = event.losses["loss"]
+        return on_event
+
+    config = {**FAST, "method": method}
+    fp32 = train_model(small_volumes, TrainConfig(**config, amp=False), progress=record("fp32"))
+    out = tmp_path / "mixed.pt"
+    mixed = train_model(small_volumes, TrainConfig(**config), output=out, progress=record("mixed"))
+    native = cpu_bf16_supported()
+    assert mixed.training["cpu_bfloat16"] is native and mixed.training["amp"] is native
+    assert fp32.training["cpu_bfloat16"] is False and fp32.training["amp"] is False
+    for name, tensor in mixed.network.state_dict().items():
+        assert tensor.dtype in (torch.float32, torch.int64), name
+        assert tensor.is_contiguous(), name
+    if not native:  # no native bf16: the float32 run exactly
+        for name, tensor in fp32.network.state_dict().items():
+            assert torch.equal(tensor, mixed.network.state_dict()[name]), name
+    assert first_losses["mixed"] == pytest.approx(first_losses["fp32"], rel=2e-2)
+    back = load_model(out)
+    assert back.training["cpu_bfloat16"] is native and back.calibration is not None

@@ -159,7 +159,7 @@ def _train(args, output: Path, checkpoint: Path, volumes) -> int:
     from ..pipeline.training import TrainConfig, train_model
 
     overrides = {k: getattr(args, k) for k in ("beta", "lambda_h", "t", "p", "lambda_s", "warmup_epochs",
-                                               "intensity_term")
+                                               "intensity_term", "bias_augmentation")
                  if getattr(args, k) is not None}
     device_type = resolve_device(args.device).type
     init = None
@@ -182,9 +182,13 @@ def _train(args, output: Path, checkpoint: Path, volumes) -> int:
                          seed=args.seed, device=args.device, amp=not args.no_amp,
                          calibration_fraction=args.calibration_fraction, method_overrides=overrides,
                          preprocessing_overrides=preprocessing)
+    from ..nn.speed import cpu_bf16_supported
+
+    mixed = config.amp and (device_type == "cuda" or (device_type == "cpu" and cpu_bf16_supported()))
     _say(args, f"{PROG}: training {config.method} on {len(volumes)} healthy volume(s) on {device_type} "
                f"(profile {config.profile}: {config.image_size} px, width {config.base_width}, {config.epochs} "
-               f"epochs, batch {config.batch_size}, lr {config.learning_rate:g})")
+               f"epochs, batch {config.batch_size}, lr {config.learning_rate:g}, "
+               f"{'mixed precision' if mixed else 'float32'})")
     model = train_model(volumes, config, output=output, init=init, checkpoint=checkpoint,
                         resume=args.resume, progress=_progress(args), overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -211,10 +215,11 @@ def _warn_about_calibration(cal) -> None:
         print(f"{PROG}: warning: the operating point was chosen on only {cal.n_volumes} healthy volume(s); "
               f"recalibrate on at least {MIN_CALIBRATION_VOLUMES} healthy scans not used for training "
               f"(anomalyseg calibrate MODEL HEALTHY...)", file=sys.stderr)
-    budget, measured = cal.max_false_components, cal.false_components_per_volume
-    if budget is not None and measured is not None and measured > budget:
+    if cal.meets_budget() is False:
+        margin = (f" with {cal.budget_confidence:.0%} confidence" if cal.budget_confidence else "")
         print(f"{PROG}: warning: even at healthy p{cal.operating_percentile:g} the calibration volumes carry "
-              f"{measured:.2f} false component(s) each (budget {budget:g}): expect false blobs", file=sys.stderr)
+              f"{cal.false_components_per_volume:.2f} false component(s) each, more than the budget of "
+              f"{cal.max_false_components:g} per scan allows{margin}: expect false blobs", file=sys.stderr)
 
 
 def cmd_calibrate(args) -> int:
@@ -281,7 +286,8 @@ def cmd_segment(args) -> int:
     if not todo:
         return 0
 
-    from ..pipeline.inference import score_volume, threshold_for, threshold_scores
+    from ..data.preprocessing import prepare_volume
+    from ..pipeline.inference import score_prepared_volume, threshold_for, threshold_scores
     from ..model.bundle import load_model
 
     model = load_model(args.model)
@@ -293,9 +299,12 @@ def cmd_segment(args) -> int:
         for path, stem in todo:
             try:
                 volume = read_volume(path)
-                scores = score_volume(model, volume, device=args.device, batch_size=args.batch_size,
-                                      progress=_progress(args))
-                volume = scores.volume = volume.grid_only()  # the voxels are no longer needed: free them
+                prepared = prepare_volume(volume, model.preprocessing, progress=_progress(args))
+                # the voxels are no longer needed: free them before the full-size map is built
+                volume = volume.grid_only()
+                scores = score_prepared_volume(model, prepared, volume, device=args.device,
+                                               batch_size=args.batch_size, progress=_progress(args))
+                del prepared
                 result = threshold_scores(scores, model, percentile=args.percentile)
                 extra = {"method": model.name, "model_file": str(args.model), **(scores.raw_input or {})}
                 brain = None
@@ -382,11 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
                             ("lambda_s", "size-constraint weight (gradcamcons)")):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=float, default=None, help=help_text)
     p.add_argument("--warmup-epochs", type=int, default=None, help="gradcamcons: epochs before the size constraint")
+    p.add_argument("--bias-augmentation", type=float, default=None, metavar="STD",
+                   help="dae: std of the log of a random smooth bias field applied to each training image "
+                        "(0 = off)")
     p.add_argument("--intensity-term", choices=INTENSITY_TERMS, default=None,
                    help="dae: intensity deviation fused with the network's map (default bright-position: "
                         "hyperintense anomalies, e.g. FLAIR/T2; abs-position for anomalies of either sign)")
     _device_arg(p)
-    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    p.add_argument("--no-amp", action="store_true",
+                   help="train in float32: no mixed precision (by default on CUDA, and bfloat16 + channels-last "
+                        "on CPUs with AMX / AVX512-BF16)")
     _brain_extraction_arg(p, "stored in the model (default: auto)")
     p.add_argument("--bias-correction", action="store_true",
                    help="N4 bias-field correction before the normalisation, stored in the model (default: off)")

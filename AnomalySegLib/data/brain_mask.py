@@ -17,6 +17,10 @@ from skimage.morphology import closing, disk
 #: Structuring element of the closing: a 5x5 disk.
 CLOSING_FOOTPRINT = disk(2).astype(bool)
 
+#: Background kept around the foreground's bounding box: twice the closing's radius (the
+#: dilation's reach, then the erosion's window) plus one pixel for the hole filling.
+_CROP_FRAME = 2 * (CLOSING_FOOTPRINT.shape[0] // 2) + 2
+
 
 def tissue_mask(image: np.ndarray) -> np.ndarray:
     """Boolean tissue mask of one 2D image: Otsu threshold, closing (5x5 disk), hole filling.
@@ -31,8 +35,16 @@ def tissue_mask(image: np.ndarray) -> np.ndarray:
     if not hi > lo:
         return np.zeros(img.shape, dtype=bool)
     mask = img > threshold_otsu(img)
-    mask = closing(mask, CLOSING_FOOTPRINT)
-    return ndimage.binary_fill_holes(mask)
+    # Close and fill inside the foreground's bounding box plus a frame of background: the
+    # same result as on the whole image (the closing reaches 2 px beyond the foreground and
+    # the frame keeps the outside background connected to the border for the hole filling),
+    # at a fraction of the cost when the head fills part of the field of view.
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    box = (slice(max(rows[0] - _CROP_FRAME, 0), rows[-1] + _CROP_FRAME + 1),
+           slice(max(cols[0] - _CROP_FRAME, 0), cols[-1] + _CROP_FRAME + 1))
+    out = np.zeros(mask.shape, dtype=bool)
+    out[box] = ndimage.binary_fill_holes(closing(mask[box], CLOSING_FOOTPRINT))
+    return out
 
 
 def tissue_masks(images: np.ndarray) -> np.ndarray:

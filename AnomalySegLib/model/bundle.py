@@ -119,6 +119,7 @@ class AnomalyModel:
                 "min_component_ml": self.calibration.min_component_ml,
                 "max_false_components": self.calibration.max_false_components,
                 "false_components_per_volume": self.calibration.false_components_per_volume,
+                "budget_confidence": self.calibration.budget_confidence,
             },
             "training": training,
             "parameters": {part: self.network.num_parameters(part) for part in ("all", "attention", "encoder", "decoder")},

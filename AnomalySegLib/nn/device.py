@@ -9,7 +9,7 @@ import torch
 
 from ..errors import AnomalySegError
 
-__all__ = ["resolve_device", "autocast_for"]
+__all__ = ["resolve_device", "autocast_for", "training_autocast"]
 
 
 def resolve_device(spec: "str | torch.device" = "auto") -> torch.device:
@@ -34,3 +34,11 @@ def autocast_for(device: torch.device, enabled: bool = True):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def training_autocast(device: torch.device, enabled: bool = True):
+    """The training step's precision: :func:`autocast_for` on CUDA; on a CPU, bfloat16
+    autocast when ``enabled`` (the caller checks the CPU has native bfloat16, e.g. AMX)."""
+    if device.type == "cpu" and enabled:
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    return autocast_for(device, enabled)

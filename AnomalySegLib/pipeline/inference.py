@@ -129,6 +129,25 @@ def score_volume(
     """Preprocess ``volume`` exactly as in training, score it, map the scores back."""
     emit(progress, ProgressEvent("prepare", 0.0, message="preprocessing"))
     prepared = prepare_volume(volume, model.preprocessing, progress=progress, cancel=cancel)
+    return score_prepared_volume(model, prepared, volume, device=device, batch_size=batch_size,
+                                 progress=progress, cancel=cancel)
+
+
+def score_prepared_volume(
+    model: "AnomalyModel",
+    prepared: PreparedVolume,
+    volume: Volume,
+    *,
+    device: "str | torch.device" = "auto",
+    batch_size: int = 16,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelCallback] = None,
+) -> VolumeScores:
+    """Score a volume already preprocessed (:func:`prepare_volume`) and map the scores back.
+
+    Only ``volume``'s geometry is used: a caller short of memory passes
+    ``volume.grid_only()`` so the input's voxels are not alive beside the full-size map.
+    """
 
     def on_batch(done: int, total: int) -> None:
         emit(progress, ProgressEvent("segment", 0.05 + 0.9 * done / total, step=done, steps=total,

@@ -19,8 +19,10 @@ import numpy as np
 from ..errors import InputError
 from ..settings import check_percentile
 from .postprocess import (
+    DEFAULT_BUDGET_CONFIDENCE,
     DEFAULT_MAX_FALSE_COMPONENTS,
     DEFAULT_MIN_COMPONENT_ML,
+    false_rate_upper_bound,
     min_component_voxels,
     select_operating_percentile,
     threshold_mask,
@@ -56,6 +58,9 @@ class Calibration:
     max_false_components: Optional[float] = None
     #: Mean false components per held-out healthy volume measured at the operating point.
     false_components_per_volume: Optional[float] = None
+    #: Confidence of the upper bound held to the budget (0 = the plain mean; None for
+    #: files calibrated before the margin existed, which used the plain mean).
+    budget_confidence: Optional[float] = None
 
     def __post_init__(self) -> None:
         # a table that is not finite and monotone gives NaN thresholds and empty masks:
@@ -72,6 +77,15 @@ class Calibration:
     def default_percentile(self, fallback: float) -> float:
         """The operating percentile when the calibration has one, else ``fallback``."""
         return float(self.operating_percentile) if self.operating_percentile is not None else float(fallback)
+
+    def meets_budget(self) -> Optional[bool]:
+        """Whether the operating point kept the false-component budget on the calibration
+        volumes under the stored rule (None when the file has no operating point)."""
+        if self.max_false_components is None or self.false_components_per_volume is None:
+            return None
+        total = int(round(self.false_components_per_volume * self.n_volumes))
+        confidence = self.budget_confidence or 0.0
+        return total == 0 or false_rate_upper_bound(total, max(self.n_volumes, 1), confidence) <= self.max_false_components
 
     def threshold(self, percentile: float) -> float:
         """Score above which a pixel is flagged, for a healthy percentile (:func:`.check_percentile`)."""
@@ -113,6 +127,7 @@ class Calibration:
             "min_component_ml": float(self.min_component_ml),
             "max_false_components": self.max_false_components,
             "false_components_per_volume": self.false_components_per_volume,
+            "budget_confidence": self.budget_confidence,
         }
 
     @classmethod
@@ -128,6 +143,9 @@ class Calibration:
         min_ml = float(data.get("min_component_ml", 0.0) or 0.0)
         budget = data.get("max_false_components")
         measured = data.get("false_components_per_volume")
+        confidence = data.get("budget_confidence")
+        if confidence is not None and not (isinstance(confidence, (int, float)) and 0.0 <= confidence < 1.0):
+            raise ValueError(f"calibration budget confidence {confidence!r} is not a number in [0, 1)")
         if operating is not None:
             check_percentile(operating, "calibration operating percentile")
         if not (math.isfinite(min_ml) and min_ml >= 0.0):
@@ -145,6 +163,7 @@ class Calibration:
             min_component_ml=min_ml,
             max_false_components=None if budget is None else float(budget),
             false_components_per_volume=None if measured is None else float(measured),
+            budget_confidence=None if confidence is None else float(confidence),
         )
 
     @classmethod
@@ -168,6 +187,7 @@ class Calibration:
         start_percentile: float,
         min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
         max_false_components: float = DEFAULT_MAX_FALSE_COMPONENTS,
+        budget_confidence: float = DEFAULT_BUDGET_CONFIDENCE,
         n_images: int = 0,
         source: str = "",
     ) -> "Calibration":
@@ -176,8 +196,8 @@ class Calibration:
         ``maps`` holds ``(heatmap, brain_mask, voxel_ml)`` per healthy volume. The table is
         built from the brain voxels' scores; the operating percentile is the lowest one
         >= ``start_percentile`` at which these volumes carry on average at most
-        ``max_false_components`` components of >= ``min_component_ml``
-        (:func:`.postprocess.select_operating_percentile`).
+        ``max_false_components`` components of >= ``min_component_ml``, with the margin of
+        a ``budget_confidence`` upper bound (:func:`.postprocess.select_operating_percentile`).
         """
         if not maps:
             raise InputError("calibration needs at least one healthy volume")
@@ -186,11 +206,13 @@ class Calibration:
         table = cls.from_scores(values, n_images=n_images, n_volumes=len(maps), source=source)
         pct, mean_false = select_operating_percentile(
             maps, table.threshold, table.percentiles, start_percentile=start_percentile,
-            min_component_ml=min_component_ml, max_false_components=max_false_components)
+            min_component_ml=min_component_ml, max_false_components=max_false_components,
+            budget_confidence=budget_confidence)
         table.operating_percentile = pct
         table.min_component_ml = float(min_component_ml)
         table.max_false_components = float(max_false_components)
         table.false_components_per_volume = mean_false
+        table.budget_confidence = float(budget_confidence)
         return table
 
 
