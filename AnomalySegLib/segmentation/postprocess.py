@@ -14,8 +14,8 @@ same at 1 mm and at 2 mm.
 
 The budget is a promise about *new* healthy scans, and a mean over the handful of
 calibration volumes (8 of 40 by default) is a noisy estimate of it: a threshold that
-just meets the budget there exceeds it on new scans about half the time (measured:
-0.75 on the calibration volumes, 1.2 on a fresh held-out seed). So the rule is applied
+just meets the budget there can exceed it on new scans (measured: <= 1 on the
+calibration volumes, 1.2 on the lesion-free volumes of a fresh held-out seed). So the rule is applied
 to a one-sided Poisson upper confidence bound of the per-volume rate
 (``budget_confidence``, default 90 %), not to the raw mean: the margin is large with few
 calibration volumes and shrinks as more are given. ``budget_confidence=0`` is the plain
@@ -201,8 +201,8 @@ def select_operating_percentile(
     ``threshold_at(p)`` maps a percentile to a score threshold (the calibration table);
     ``percentiles`` are the candidate percentiles (the table's). A candidate meets the
     budget when :func:`false_rate_upper_bound` of its components on these volumes, at
-    ``budget_confidence``, is <= ``max_false_components``, or when they carry none. Returns ``(percentile, mean
-    false components per healthy volume at it)``. The count falls as the threshold rises
+    ``budget_confidence``, is <= ``max_false_components``, or when they carry none.
+    Returns ``(percentile, mean false components per healthy volume at it)``. The count falls as the threshold rises
     (up to rare splits of one component into two), so the candidates are bisected; if
     even the highest candidate exceeds the budget, it is returned with its count
     (callers report it: the budget is then not met).
