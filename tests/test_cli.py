@@ -168,3 +168,26 @@ def test_console_script_and_module_entry_point(trained_model_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "anomalyseg: error: model file not found: /nonexistent.pt"
+
+
+def test_calibration_warning_follows_the_budget_rule(capsys):
+    """``train`` / ``calibrate`` warn when the operating point could not keep the false-blob
+    budget under the stored rule (90 % upper bound), and stay quiet when it did."""
+    import numpy as np
+
+    from AnomalySegLib.cli.commands import _warn_about_calibration
+    from AnomalySegLib.segmentation.calibration import Calibration
+
+    cal = Calibration(np.array([0.0, 50.0, 100.0]), np.array([0.0, 1.0, 2.0]), n_pixels=10, n_images=8, n_volumes=8,
+                      operating_percentile=99.99, max_false_components=1.0, budget_confidence=0.9)
+    cal.false_components_per_volume = 5 / 8  # bound chi2.ppf(0.9, 12) / 16 = 1.16 > 1
+    _warn_about_calibration(cal)
+    err = capsys.readouterr().err
+    assert "0.62 false component(s) each" in err and "with 90% confidence" in err and "p99.99" in err
+    cal.false_components_per_volume = 4 / 8  # bound 0.999 <= 1: met
+    _warn_about_calibration(cal)
+    assert capsys.readouterr().err == ""
+    cal.budget_confidence = None  # a file from before the margin: the plain mean, 0.62 <= 1
+    cal.false_components_per_volume = 5 / 8
+    _warn_about_calibration(cal)
+    assert capsys.readouterr().err == ""
