@@ -358,11 +358,11 @@ def measure_train_compare(cfg: dict) -> dict:
     setups: dict = {}
 
     from AnomalySegLib.nn.device import training_autocast
-    from AnomalySegLib.nn.speed import cpu_bf16_supported
+    from AnomalySegLib.nn.speed import mixed_precision_training
 
     # the Trainer's default precision here: bf16 autocast + channels-last on a CPU with
     # native bf16 (or CUDA mixed precision); float32 elsewhere
-    mixed = device.type == "cuda" or (device.type == "cpu" and cpu_bf16_supported())
+    mixed = mixed_precision_training(device)
 
     def add(name, arch, channels_last, loss_fn, net=None, amp=False):
         torch.manual_seed(0)

@@ -182,9 +182,9 @@ def _train(args, output: Path, checkpoint: Path, volumes) -> int:
                          seed=args.seed, device=args.device, amp=not args.no_amp,
                          calibration_fraction=args.calibration_fraction, method_overrides=overrides,
                          preprocessing_overrides=preprocessing)
-    from ..nn.speed import cpu_bf16_supported
+    from ..nn.speed import mixed_precision_training
 
-    mixed = config.amp and (device_type == "cuda" or (device_type == "cpu" and cpu_bf16_supported()))
+    mixed = mixed_precision_training(resolve_device(args.device), config.amp)
     _say(args, f"{PROG}: training {config.method} on {len(volumes)} healthy volume(s) on {device_type} "
                f"(profile {config.profile}: {config.image_size} px, width {config.base_width}, {config.epochs} "
                f"epochs, batch {config.batch_size}, lr {config.learning_rate:g}, "
@@ -286,8 +286,7 @@ def cmd_segment(args) -> int:
     if not todo:
         return 0
 
-    from ..data.preprocessing import prepare_volume
-    from ..pipeline.inference import score_prepared_volume, threshold_for, threshold_scores
+    from ..pipeline.inference import prepare_for_scoring, score_prepared_volume, threshold_for, threshold_scores
     from ..model.bundle import load_model
 
     model = load_model(args.model)
@@ -299,7 +298,7 @@ def cmd_segment(args) -> int:
         for path, stem in todo:
             try:
                 volume = read_volume(path)
-                prepared = prepare_volume(volume, model.preprocessing, progress=_progress(args))
+                prepared = prepare_for_scoring(model, volume, progress=_progress(args))
                 # the voxels are no longer needed: free them before the full-size map is built
                 volume = volume.grid_only()
                 scores = score_prepared_volume(model, prepared, volume, device=args.device,

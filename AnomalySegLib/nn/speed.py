@@ -38,7 +38,7 @@ from .device import autocast_for
 from .networks import BasicBlock
 
 __all__ = ["fold_batchnorm", "inference_network", "inference_autocast", "inference_dtype", "cpu_bf16_supported",
-           "configure_cpu_threads", "physical_cores", "BF16_MAP_TOLERANCE", "PRECISION_ENV"]
+           "mixed_precision_training", "configure_cpu_threads", "physical_cores", "BF16_MAP_TOLERANCE", "PRECISION_ENV"]
 
 #: Max |bf16 map - fp32 map| / (max - min of the fp32 maps) allowed for the CPU bfloat16
 #: amcons path (measured: ~0.007 max, ~0.0016 mean on random and trained networks).
@@ -156,6 +156,12 @@ def cpu_bf16_supported() -> bool:
         except Exception:  # pragma: no cover - old torch builds
             pass
     return False
+
+
+def mixed_precision_training(device: torch.device, enabled: bool = True) -> bool:
+    """Whether training on ``device`` runs in mixed precision: on CUDA, and on CPUs with
+    native bfloat16 (AMX / AVX512-BF16; bf16 autocast + channels-last), when ``enabled``."""
+    return bool(enabled) and (device.type == "cuda" or (device.type == "cpu" and cpu_bf16_supported()))
 
 
 def _precision_override() -> str:

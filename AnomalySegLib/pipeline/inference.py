@@ -127,10 +127,16 @@ def score_volume(
     cancel: Optional[CancelCallback] = None,
 ) -> VolumeScores:
     """Preprocess ``volume`` exactly as in training, score it, map the scores back."""
-    emit(progress, ProgressEvent("prepare", 0.0, message="preprocessing"))
-    prepared = prepare_volume(volume, model.preprocessing, progress=progress, cancel=cancel)
+    prepared = prepare_for_scoring(model, volume, progress=progress, cancel=cancel)
     return score_prepared_volume(model, prepared, volume, device=device, batch_size=batch_size,
                                  progress=progress, cancel=cancel)
+
+
+def prepare_for_scoring(model: "AnomalyModel", volume: Volume, *, progress: Optional[ProgressCallback] = None,
+                        cancel: Optional[CancelCallback] = None) -> PreparedVolume:
+    """The model's preprocessing of ``volume`` (first step of :func:`score_volume`)."""
+    emit(progress, ProgressEvent("prepare", 0.0, message="preprocessing"))
+    return prepare_volume(volume, model.preprocessing, progress=progress, cancel=cancel)
 
 
 def score_prepared_volume(
@@ -143,7 +149,7 @@ def score_prepared_volume(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelCallback] = None,
 ) -> VolumeScores:
-    """Score a volume already preprocessed (:func:`prepare_volume`) and map the scores back.
+    """Score a volume already preprocessed (:func:`prepare_for_scoring`) and map the scores back.
 
     Only ``volume``'s geometry is used: a caller short of memory passes
     ``volume.grid_only()`` so the input's voxels are not alive beside the full-size map.

@@ -29,7 +29,7 @@ from ..nn.device import resolve_device, training_autocast
 from ..nn.methods import (ARCHITECTURE_OF, METHODS, MethodParams, default_warmup_epochs, intensity_term_is_global,
                           training_loss)
 from ..nn.networks import VAEConfig, build_network
-from ..nn.speed import cpu_bf16_supported
+from ..nn.speed import mixed_precision_training
 from ..progress import CancelCallback, EtaEstimator, ProgressCallback, ProgressEvent, check_cancel, emit
 from ..settings import JsonSettings
 from .calibrate import calibrate_prepared
@@ -287,11 +287,11 @@ class Trainer:
         self.network.to(self.device)
         # on a CPU with native bfloat16: autocast + channels-last, faster but not bit-close
         # to float32 (quality measured equal: docs/BENCHMARKS.md); float32 NCHW on other CPUs
-        self.cpu_amp = bool(config.amp and self.device.type == "cpu" and cpu_bf16_supported())
+        self.use_amp = mixed_precision_training(self.device, config.amp)
+        self.cpu_amp = self.use_amp and self.device.type == "cpu"
         if self.cpu_amp:
             self.network.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self.network.parameters(), lr=config.learning_rate)
-        self.use_amp = (config.amp and self.device.type == "cuda") or self.cpu_amp
         self.scaler = (torch.amp.GradScaler("cuda")
                        if self.use_amp and self.device.type == "cuda" and not torch.cuda.is_bf16_supported() else None)
 

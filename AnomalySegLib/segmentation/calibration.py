@@ -22,7 +22,7 @@ from .postprocess import (
     DEFAULT_BUDGET_CONFIDENCE,
     DEFAULT_MAX_FALSE_COMPONENTS,
     DEFAULT_MIN_COMPONENT_ML,
-    false_rate_upper_bound,
+    meets_false_component_budget,
     min_component_voxels,
     select_operating_percentile,
     threshold_mask,
@@ -84,8 +84,8 @@ class Calibration:
         if self.max_false_components is None or self.false_components_per_volume is None:
             return None
         total = int(round(self.false_components_per_volume * self.n_volumes))
-        confidence = self.budget_confidence or 0.0
-        return total == 0 or false_rate_upper_bound(total, max(self.n_volumes, 1), confidence) <= self.max_false_components
+        return meets_false_component_budget(total, max(self.n_volumes, 1), self.max_false_components,
+                                            self.budget_confidence or 0.0)
 
     def threshold(self, percentile: float) -> float:
         """Score above which a pixel is flagged, for a healthy percentile (:func:`.check_percentile`)."""

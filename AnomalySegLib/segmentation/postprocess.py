@@ -42,6 +42,7 @@ __all__ = [
     "threshold_mask",
     "DEFAULT_BUDGET_CONFIDENCE",
     "false_rate_upper_bound",
+    "meets_false_component_budget",
     "select_operating_percentile",
 ]
 
@@ -185,6 +186,15 @@ def false_rate_upper_bound(total: int, n_volumes: int, confidence: float) -> flo
     return float(chi2.ppf(confidence, 2 * (total + 1))) / (2.0 * n_volumes)
 
 
+def meets_false_component_budget(total: int, n_volumes: int, max_false_components: float,
+                                 confidence: float) -> bool:
+    """The budget rule: ``total`` false components on ``n_volumes`` healthy volumes keep
+    ``max_false_components`` per volume when their :func:`false_rate_upper_bound` does, or
+    when there are none (no calibration set can show better, and with one or two volumes
+    even zero has a bound above 1)."""
+    return total == 0 or false_rate_upper_bound(total, n_volumes, confidence) <= max_false_components
+
+
 def select_operating_percentile(
     healthy: Sequence[Tuple[np.ndarray, np.ndarray, float]],
     threshold_at: Callable[[float], float],
@@ -226,10 +236,8 @@ def select_operating_percentile(
         return cache[index]
 
     def meets(index: int) -> bool:
-        # no false component at all always meets it: no calibration set can show better, and
-        # with one or two volumes even zero has a bound above 1
-        total = total_false(index)
-        return total == 0 or false_rate_upper_bound(total, len(healthy), budget_confidence) <= max_false_components
+        return meets_false_component_budget(total_false(index), len(healthy), max_false_components,
+                                            budget_confidence)
 
     def mean_false(index: int) -> float:
         return total_false(index) / len(healthy)
