@@ -39,6 +39,12 @@ METHOD_NAMES = ("amcons", "gradcamcons", "vae", "dae")
 #: command line can offer them without importing the networks).
 INTENSITY_TERMS = ("bright-position", "abs-position", "bright-global", "abs-global", "agree-position")
 
+#: Per-scan standardisation of a voxel-grid map (``MethodParams.scan_normalise``):
+#: ``off``, ``interdecile`` ((s - median) / (p90 - p10) over the scan's brain voxels),
+#: ``upper`` ((s - median) / (p90 - median)); ``terms-*``: the same, in model space, on the
+#: network's map and the intensity term separately before they are fused.
+SCAN_NORMALISATIONS = ("off", "interdecile", "upper", "terms-interdecile", "terms-upper")
+
 
 def check_percentile(value: Any, name: str = "percentile") -> float:
     """The one rule for a healthy percentile: a number strictly between 0 and 100.

@@ -37,7 +37,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from AnomalySegLib.errors import AnomalySegError, InputError, OutputError
-from AnomalySegLib.nn.methods import DAE_SMOOTHING_MM
+from AnomalySegLib.nn.methods import DAE_SMOOTHING_MM, MethodParams
+from AnomalySegLib.settings import SCAN_NORMALISATIONS
 
 NETWORK_METHODS = ("amcons", "gradcamcons", "vae", "dae")
 BASELINES = {"intensity": "bright", "intensity-abs": "abs", "intensity-dark": "dark", "intensity-zscore": "zscore"}
@@ -114,9 +115,11 @@ def build_method(method: str, train: Sequence[Path], calibration: Sequence[Path]
     if method in BASELINES:
         from AnomalySegLib.pipeline.baselines import IntensityBaseline
 
-        # same smoothing, minimum lesion size and operating-point rule as the default method
+        # same standardisation, smoothing, minimum lesion size and operating-point rule as the
+        # default method
         scorer = IntensityBaseline(BASELINES[method], PreprocessConfig(image_size=args.image_size),
-                                   smoothing_mm=args.baseline_smoothing)
+                                   smoothing_mm=args.baseline_smoothing,
+                                   scan_normalise=args.baseline_scan_normalise)
         scorer.fit(calibration, reference=train)
         return scorer, {"seconds_fit": round(time.perf_counter() - started, 2),
                         "calibration_volumes": len(calibration), "healthy_median": scorer.healthy_median}
@@ -415,6 +418,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--baseline-smoothing", type=float, default=DAE_SMOOTHING_MM,
                    help="Gaussian sigma (mm) of the baselines' maps (default: the dae's, so post-processing is equal)")
+    p.add_argument("--baseline-scan-normalise", choices=SCAN_NORMALISATIONS,
+                   default=MethodParams.defaults("dae").scan_normalise,
+                   help="per-scan standardisation of the baselines' maps (default: the dae's)")
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one training run per seed (paper: 3)")

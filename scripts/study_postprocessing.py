@@ -67,20 +67,28 @@ def evaluate_variant(model, overrides: dict, train, cal, data: dict, device: str
     variant = copy.copy(model)
     variant.method = MethodParams.from_dict({**model.method.to_dict(), **overrides})
     variant.position_stats = variant.intensity_stats = None
+    cache = baseline_cache if baseline_cache is not None else {}
     if variant.method.position_normalise:
-        prepared = [prepare_volume(read_volume(p), variant.preprocessing) for p in train]
-        variant.position_stats, variant.intensity_stats = fit_position_stats(variant, prepared, device=device)
+        # the statistics are fitted in model space, before smoothing and scan standardisation:
+        # variants differing only in those share them
+        key = ("position_stats",) + tuple(sorted((k, repr(v)) for k, v in variant.method.to_dict().items()
+                                                  if k not in ("smoothing_mm", "scan_normalise")))
+        if key not in cache:
+            prepared = [prepare_volume(read_volume(p), variant.preprocessing) for p in train]
+            cache[key] = fit_position_stats(variant, prepared, device=device)
+        variant.position_stats, variant.intensity_stats = cache[key]
     variant.calibration = calibrate(variant, list(cal), device=device)
     out: dict = {"overrides": overrides, "operating_percentile": variant.default_percentile,
                  "healthy_false_components": variant.calibration.false_components_per_volume, "kinds": {}}
-    cache = baseline_cache if baseline_cache is not None else {}
-    smoothing = variant.method.smoothing_mm
+    # a baseline only depends on the smoothing and the scan standardisation: evaluate it once per pair
+    post = (variant.method.smoothing_mm, variant.method.scan_normalise)
     scorers = [("model", variant)]
     for name in baselines:
-        if (name, smoothing) in cache:  # a baseline only depends on the smoothing: evaluate it once per value
-            out["kinds"][name] = cache[(name, smoothing)]
+        if (name,) + post in cache:
+            out["kinds"][name] = cache[(name,) + post]
             continue
-        baseline = IntensityBaseline(bench.BASELINES[name], variant.preprocessing, smoothing_mm=smoothing)
+        baseline = IntensityBaseline(bench.BASELINES[name], variant.preprocessing, smoothing_mm=post[0],
+                                     scan_normalise=post[1])
         baseline.fit(list(cal), reference=list(train))
         scorers.append((name, baseline))
     for name, scorer in scorers:
@@ -90,7 +98,7 @@ def evaluate_variant(model, overrides: dict, train, cal, data: dict, device: str
         for kind, (images, labels) in data["test_sets"].items():
             rows[kind] = bench.headline(evaluate_model(scorer, images, labels, device=device))
     for name in baselines:
-        cache.setdefault((name, smoothing), out["kinds"][name])
+        cache.setdefault((name,) + post, out["kinds"][name])
     return out
 
 

@@ -150,3 +150,25 @@ def test_zscore_baseline_is_the_position_normalised_intensity(cohort):
     np.testing.assert_array_equal(back.position_stats.std, base.position_stats.std)
     with pytest.raises(InputError, match="not fitted"):
         IntensityBaseline("zscore", CFG).score_prepared(case)
+
+
+def test_baseline_with_scan_standardisation_calibrates_standardised_scores(cohort):
+    """The model's scan standardisation is also available to the baseline (equal post-processing)."""
+    from AnomalySegLib.segmentation.postprocess import standardise_scan
+
+    healthy, (lesion, _), _ = cohort
+    plain = IntensityBaseline("bright", CFG).fit(healthy)
+    std = IntensityBaseline("bright", CFG, scan_normalise="interdecile").fit(healthy)
+    scores = std.score_volume(lesion)
+    expected = plain.score_volume(lesion).heatmap
+    standardise_scan(expected, scores.brain_mask, "interdecile")
+    np.testing.assert_allclose(scores.heatmap, expected, rtol=1e-5, atol=1e-6)
+    voxels = np.concatenate([std.score_volume(v).heatmap[std.score_volume(v).brain_mask] for v in healthy])
+    assert std.threshold(98.0) == pytest.approx(np.percentile(voxels, 98.0), rel=1e-5)
+    back = IntensityBaseline.from_dict(std.to_dict())
+    assert back.scan_normalise == "interdecile" and back.version == std.version != plain.version
+    legacy = plain.to_dict()
+    legacy.pop("scan_normalise")
+    assert IntensityBaseline.from_dict(legacy).version == plain.version  # older descriptions: off, same digest
+    with pytest.raises(ValueError, match="scan_normalise"):
+        IntensityBaseline("bright", CFG, scan_normalise="zscore")

@@ -125,10 +125,11 @@ def test_run_benchmark_smoke(bench_data, tmp_path):
     index = json.loads((bench_data / "benchmark.json").read_text())
     healthy = [bench_data / p for p in index["healthy"]]
     train_idx, cal_idx = split_volumes(len(healthy), 0.2, 0)
-    from AnomalySegLib.nn.methods import DAE_SMOOTHING_MM
+    from AnomalySegLib.nn.methods import DAE_SMOOTHING_MM, MethodParams
 
-    # the benchmark gives baselines the default method's post-processing (smoothing)
-    base = IntensityBaseline("bright", PreprocessConfig(image_size=32), smoothing_mm=DAE_SMOOTHING_MM).fit(
+    # the benchmark gives baselines the default method's post-processing (standardisation, smoothing)
+    base = IntensityBaseline("bright", PreprocessConfig(image_size=32), smoothing_mm=DAE_SMOOTHING_MM,
+                             scan_normalise=MethodParams.defaults("dae").scan_normalise).fit(
         [healthy[i] for i in cal_idx], reference=[healthy[i] for i in train_idx])
     direct = evaluate_model(base, [bench_data / p for p in index["kinds"]["bright"]["images"]],
                             [bench_data / p for p in index["kinds"]["bright"]["labels"]])
@@ -211,3 +212,19 @@ def test_benchmark_speed_smoke(tmp_path, capsys):
     assert rows[("train", "amcons")]["peak_rss_mb"] > 0
     assert "training images/s" in (tmp_path / "speed.md").read_text()
     assert report["machine"]["torch"] and report["isolated"] is False
+
+
+def test_scan_score_spread_coefficients_against_hand_values():
+    """spread_cv: tails that scale with each scan's spread have no variation once divided by it."""
+    spread = _script("scan_score_spread")
+    rows = []  # (tail, p10, p25, p50, p75, p90, MAD, std) for three scans: scale 1, 2, 3, median 0.5 k
+    for k in (1.0, 2.0, 3.0):
+        med = 0.5 * k
+        rows.append((med + 6.0 * k, med - 1.0 * k, med - 0.5 * k, med, med + 0.5 * k, med + 1.0 * k, 0.4 * k, 0.8 * k))
+    cv = spread.spread_cv(rows)
+    for name in ("MAD", "p75-median", "p90-median", "p90-p10", "std"):
+        assert cv[name] == pytest.approx(0.0, abs=1e-12)
+    raw = np.array([r[0] for r in rows])
+    assert cv["raw"] == pytest.approx(raw.std() / raw.mean())
+    centred = np.array([6.0, 12.0, 18.0])
+    assert cv["minus median"] == pytest.approx(centred.std() / centred.mean())

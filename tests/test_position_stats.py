@@ -70,6 +70,7 @@ def test_dae_model_with_position_stats_round_trips_and_normalises_scores(tmp_pat
     params = MethodParams.defaults("dae")
     assert params.position_normalise and params.fuse_intensity == 1.0  # the default: z-scores + fusion
     params.fuse_intensity = 0.0  # first the position statistics alone
+    params.scan_normalise = "off"  # per-scan standardisation: its own tests below
     model = AnomalyModel(network=build_network(config).eval(), network_config=config,
                          preprocessing=PreprocessConfig(image_size=32), method=params)
     prepared = [prepare_volume(v, model.preprocessing) for v in healthy_volumes[:3]]
@@ -142,3 +143,91 @@ def test_model_settings_without_an_intensity_term_keep_the_fusion_they_were_writ
     old = {k: v for k, v in MethodParams.defaults("dae").to_dict().items() if k != "intensity_term"}
     assert MethodParams.from_dict(old).intensity_term == "abs-position"  # files before the field: |z|
     assert MethodParams.defaults("dae").intensity_term == "bright-position"  # new models
+
+
+def test_scan_standardisation_is_applied_after_smoothing_in_calibration_and_inference(healthy_volumes):
+    """``scan_normalise``: every scored map (calibration and segmentation alike) is the
+    smoothed voxel-grid map standardised by its own brain voxels; older files mean "off"."""
+    import dataclasses
+
+    from AnomalySegLib.data.preprocessing import PreprocessConfig, prepare_volume
+    from AnomalySegLib.io.geometry import voxel_spacing
+    from AnomalySegLib.model.bundle import AnomalyModel
+    from AnomalySegLib.nn.methods import MethodParams
+    from AnomalySegLib.nn.networks import VAEConfig, build_network
+    from AnomalySegLib.pipeline.calibrate import calibrate
+    from AnomalySegLib.pipeline.inference import score_prepared, score_volume
+    from AnomalySegLib.segmentation.postprocess import smooth_in_mask, standardise_scan
+    from AnomalySegLib.data.preprocessing import brain_mask_in_volume, to_volume_grid
+
+    torch.manual_seed(0)
+    config = VAEConfig(image_size=32, base_width=4, architecture="unet")
+    params = dataclasses.replace(MethodParams.defaults("dae"), fuse_intensity=0.0, position_normalise=False,
+                                 scan_normalise="interdecile")
+    model = AnomalyModel(network=build_network(config).eval(), network_config=config,
+                         preprocessing=PreprocessConfig(image_size=32), method=params)
+    volume = healthy_volumes[0]
+    prepared = prepare_volume(volume, model.preprocessing)
+    brain = brain_mask_in_volume(prepared)
+    expected = to_volume_grid(score_prepared(model, prepared, device="cpu"), prepared, order=1)
+    expected[~brain] = 0.0
+    smooth_in_mask(expected, brain, params.smoothing_mm, voxel_spacing(prepared.affine), out=expected)
+    raw_tail = float(np.percentile(expected[brain], 99))
+    standardise_scan(expected, brain, "interdecile")
+    scores = score_volume(model, volume, device="cpu")
+    np.testing.assert_allclose(scores.heatmap, expected, rtol=1e-5, atol=1e-5)
+    q10, q50, q90 = np.percentile(scores.heatmap[scores.brain_mask], [10, 50, 90])
+    assert q50 == pytest.approx(0.0, abs=1e-5) and q90 - q10 == pytest.approx(1.0, rel=1e-4)
+    assert float(np.percentile(scores.heatmap[brain], 99)) != pytest.approx(raw_tail)  # it did change the map
+    # calibration thresholds the same standardised values
+    cal = calibrate(model, [volume], device="cpu")
+    assert cal.threshold(99.0) == pytest.approx(np.percentile(scores.heatmap[scores.brain_mask], 99.0), rel=1e-4)
+    # settings: validated, and files written before the field keep their maps unchanged
+    old = {k: v for k, v in params.to_dict().items() if k != "scan_normalise"}
+    assert MethodParams.from_dict(old).scan_normalise == "off"
+    with pytest.raises(ValueError, match="scan_normalise"):
+        dataclasses.replace(params, scan_normalise="zscore")
+
+
+def test_terms_standardisation_standardises_each_fused_term_in_model_space(tmp_path, healthy_volumes):
+    """``terms-upper`` (the dae default): the network's z-map and the intensity z are each
+    standardised by the scan's own median and p90 - median over the tissue masks, then fused."""
+    import dataclasses
+
+    from AnomalySegLib.data.preprocessing import PreprocessConfig, prepare_volume
+    from AnomalySegLib.model.bundle import AnomalyModel, load_model
+    from AnomalySegLib.nn.methods import MethodParams
+    from AnomalySegLib.nn.networks import VAEConfig, build_network
+    from AnomalySegLib.pipeline.inference import score_prepared
+
+    assert MethodParams.defaults("dae").scan_normalise == "terms-upper"
+    torch.manual_seed(1)
+    config = VAEConfig(image_size=32, base_width=4, architecture="unet")
+    model = AnomalyModel(network=build_network(config).eval(), network_config=config,
+                         preprocessing=PreprocessConfig(image_size=32), method=MethodParams.defaults("dae"))
+    prepared = [prepare_volume(v, model.preprocessing) for v in healthy_volumes[:3]]
+    raw = [score_prepared(model, p, device="cpu", normalise=False) for p in prepared]
+    masks, idx = [p.masks for p in prepared], [p.slice_indices for p in prepared]
+    model.position_stats = PositionStats.fit(raw, masks, idx, grid=(4, 4, 4))
+    model.intensity_stats = PositionStats.fit([p.images for p in prepared], masks, idx, grid=(4, 4, 4))
+    model.save(tmp_path / "dae.pt")
+    back = load_model(tmp_path / "dae.pt")
+    assert back.method.scan_normalise == "terms-upper"
+    p0 = prepared[0]
+    m = p0.masks
+
+    def upper(a):
+        a = a.astype(np.float64)
+        med, p90 = np.percentile(a[m], [50, 90])
+        return np.where(m, (a - med) / (p90 - med), 0.0)
+
+    z_map = upper(model.position_stats.normalise(raw[0], m, p0.slice_indices))
+    z_int = upper(model.intensity_stats.normalise(p0.images, m, p0.slice_indices))
+    expected = (z_map + np.maximum(z_int, 0.0)) / 2.0
+    got = score_prepared(back, p0, device="cpu")
+    np.testing.assert_allclose(got[m], expected[m], rtol=1e-4, atol=1e-4)
+    assert np.all(got[~m] == 0.0)
+    # and the terms are not standardised again on the voxel grid: a file with "off" differs
+    off = dataclasses.replace(back.method, scan_normalise="off")
+    back.method = off
+    assert not np.allclose(score_prepared(back, p0, device="cpu")[m], expected[m], atol=1e-3)

@@ -12,8 +12,10 @@ from AnomalySegLib.segmentation.postprocess import (
     remove_small_components,
     select_operating_percentile,
     smooth_in_mask,
+    standardise_scan,
     threshold_mask,
 )
+from AnomalySegLib.segmentation import postprocess
 from AnomalySegLib.segmentation.segment import segment_heatmap
 
 
@@ -241,3 +243,68 @@ def test_thresholding_path_needs_neither_torch_nor_nibabel():
     code = ("import sys; import AnomalySegLib.segmentation.calibration, AnomalySegLib.segmentation.postprocess, AnomalySegLib.segmentation.lesions, AnomalySegLib.segmentation.segment; "
             "bad = [m for m in ('torch', 'nibabel') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _scan(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    heat = rng.gamma(2.0, 0.5, size=(30, 28, 26)).astype(np.float32)
+    brain = np.zeros(heat.shape, dtype=bool)
+    brain[3:27, 4:24, 2:24] = True
+    heat[~brain] = 7.0  # outside the brain: must neither count nor change
+    return heat, brain
+
+
+@pytest.mark.parametrize("mode", ["interdecile", "upper"])
+def test_standardise_scan_matches_its_formula_inside_the_brain_only(mode):
+    heat, brain = _scan()
+    values = heat[brain].astype(np.float64)
+    p10, p50, p90 = np.percentile(values, [10, 50, 90])
+    spread = p90 - p10 if mode == "interdecile" else p90 - p50
+    out = standardise_scan(heat.copy(), brain, mode)
+    np.testing.assert_allclose(out[brain], (values - p50) / spread, rtol=1e-5, atol=1e-6)
+    assert np.all(out[~brain] == 7.0)
+    assert np.median(out[brain]) == pytest.approx(0.0, abs=1e-6)
+    q = np.percentile(out[brain], [10, 50, 90])
+    assert (q[2] - q[0] if mode == "interdecile" else q[2] - q[1]) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["interdecile", "upper"])
+def test_standardise_scan_removes_a_scan_wide_gain_and_offset(mode):
+    """A scan whose scores are all shifted and stretched (another scanner, a bias field's
+    global effect) standardises to the same map, so the same healthy threshold fits it."""
+    heat, brain = _scan(1)
+    moved = heat.copy()
+    moved[brain] = 2.5 * heat[brain] + 0.8
+    a = standardise_scan(heat.copy(), brain, mode)
+    b = standardise_scan(moved, brain, mode)
+    np.testing.assert_allclose(a[brain], b[brain], rtol=1e-4, atol=1e-5)
+    # and a lesion of 1 % of the brain moves the standardisation of the rest by a few % (upper: 5.8 %)
+    lesioned = heat.copy()
+    idx = np.flatnonzero(brain.ravel())[: int(0.01 * brain.sum())]
+    lesioned.ravel()[idx] += 20.0
+    c = standardise_scan(lesioned, brain, mode)
+    rest = brain.copy()
+    rest.ravel()[idx] = False
+    assert np.max(np.abs(c[rest] - a[rest]) / np.maximum(1.0, np.abs(a[rest]))) < 0.07
+
+
+def test_standardise_scan_off_flat_and_empty():
+    heat, brain = _scan(2)
+    same = heat.copy()
+    assert standardise_scan(same, brain, "off") is same and np.array_equal(same, heat)
+    flat = np.where(brain, np.float32(3.0), np.float32(0.0))
+    out = standardise_scan(flat, brain, "interdecile")  # no spread: centred, not divided by 0
+    assert np.all(out[brain] == 0.0) and np.all(np.isfinite(out))
+    empty = np.zeros_like(brain)
+    np.testing.assert_array_equal(standardise_scan(heat.copy(), empty, "upper"), heat)
+    with pytest.raises(ValueError):
+        standardise_scan(heat.copy(), brain, "zscore")
+
+
+def test_standardise_scan_subsamples_planes_of_very_large_brains(monkeypatch):
+    heat, brain = _scan(3)
+    exact = standardise_scan(heat.copy(), brain, "interdecile")
+    monkeypatch.setattr(postprocess, "STANDARDISE_MAX_VOXELS", int(brain.sum()) // 3)  # every 4th plane
+    approx = standardise_scan(heat.copy(), brain, "interdecile")
+    assert not np.array_equal(approx, exact)  # the subsample was used ...
+    np.testing.assert_allclose(approx[brain], exact[brain], atol=0.05)  # ... and estimates the same

@@ -319,3 +319,22 @@ def test_tissue_mask_on_the_foreground_box_equals_the_whole_image_rule():
             img[img > 0] -= 0.4 * (rng.random(int((img > 0).sum())) > 0.9)  # speckle: small holes
             img += 0.05 * rng.random((h, w)).astype(np.float32)
         np.testing.assert_array_equal(tissue_mask(img), whole_image(img), err_msg=f"case {case}")
+
+
+def test_tissue_masks_in_threads_equal_the_sequential_masks():
+    """A volume's slices are masked in several threads (speed); each image keeps its own
+    mask, in its own place, whatever the thread count."""
+    from AnomalySegLib.data.brain_mask import MIN_IMAGES_PER_THREAD, tissue_mask, tissue_masks
+
+    rng = np.random.default_rng(3)
+    images = np.zeros((3 * MIN_IMAGES_PER_THREAD + 5, 40, 40), dtype=np.float32)
+    for n, img in enumerate(images):  # a disk of its own size and brightness per image
+        r = 4 + n % 15
+        yy, xx = np.mgrid[:40, :40]
+        img[(yy - 20) ** 2 + (xx - 20) ** 2 <= r * r] = 0.2 + n / len(images)
+        img += 0.02 * rng.random(img.shape).astype(np.float32)
+    sequential = tissue_masks(images, threads=1)
+    np.testing.assert_array_equal(sequential, np.stack([tissue_mask(i) for i in images]))
+    for threads in (2, 3, 8):
+        np.testing.assert_array_equal(tissue_masks(images, threads=threads), sequential)
+    assert len({int(m.sum()) for m in sequential}) > 10  # the images really differ

@@ -63,7 +63,7 @@ def test_fine_tuning_keeps_the_base_models_method(trained_model_path, synthetic_
     assert info["method"]["method"] == "amcons" and info["training"]["fine_tuned_from"]
 
 
-def test_intensity_term_flag_reaches_the_training_settings(synthetic_cohort, tmp_path, capsys, monkeypatch):
+def test_intensity_term_and_scan_normalise_flags_reach_the_training_settings(synthetic_cohort, tmp_path, capsys, monkeypatch):
     import AnomalySegLib.pipeline.training as training
     from AnomalySegLib.errors import AnomalySegError
 
@@ -75,9 +75,10 @@ def test_intensity_term_flag_reaches_the_training_settings(synthetic_cohort, tmp
 
     monkeypatch.setattr(training, "train_model", fake_train_model)
     code = main(["train", *map(str, synthetic_cohort["healthy"][:2]), "-o", str(tmp_path / "m.pt"), "--quiet",
-                 "--intensity-term", "abs-position", "--device", "cpu"])
+                 "--intensity-term", "abs-position", "--scan-normalise", "off", "--device", "cpu"])
     assert code == 1 and "stopped by the test" in capsys.readouterr().err
     assert seen["params"].intensity_term == "abs-position" and seen["params"].method == "dae"
+    assert seen["params"].scan_normalise == "off"
     try:  # a usage error: refused before anything runs
         code = main(["train", str(synthetic_cohort["healthy"][0]), "-o", str(tmp_path / "x.pt"),
                      "--intensity-term", "dark"])

@@ -24,7 +24,7 @@ from .. import __version__
 from . import evaluate as evaluate_command
 from .args import fraction, image_size, nonempty_path, percentile, positive_int, seed
 from ..errors import AnomalySegError, ModelFileError, OutputError
-from ..settings import INTENSITY_TERMS
+from ..settings import INTENSITY_TERMS, SCAN_NORMALISATIONS
 
 PROG = "anomalyseg"
 
@@ -159,7 +159,7 @@ def _train(args, output: Path, checkpoint: Path, volumes) -> int:
     from ..pipeline.training import TrainConfig, train_model
 
     overrides = {k: getattr(args, k) for k in ("beta", "lambda_h", "t", "p", "lambda_s", "warmup_epochs",
-                                               "intensity_term", "bias_augmentation")
+                                               "intensity_term", "bias_augmentation", "scan_normalise")
                  if getattr(args, k) is not None}
     device_type = resolve_device(args.device).type
     init = None
@@ -396,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intensity-term", choices=INTENSITY_TERMS, default=None,
                    help="dae: intensity deviation fused with the network's map (default bright-position: "
                         "hyperintense anomalies, e.g. FLAIR/T2; abs-position for anomalies of either sign)")
+    p.add_argument("--scan-normalise", choices=SCAN_NORMALISATIONS, default=None,
+                   help="standardise each scan's map by its own brain voxels' median and spread before "
+                        "calibration and thresholding (default: the method's; off = as the paper)")
     _device_arg(p)
     p.add_argument("--no-amp", action="store_true",
                    help="train in float32: no mixed precision (by default on CUDA, and bfloat16 + channels-last "

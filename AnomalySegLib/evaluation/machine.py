@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..cpus import usable_cpu_count
 from ..nn.device import resolve_device
 
 
@@ -31,10 +32,7 @@ def machine_info(device: Any = None) -> dict[str, Any]:
                     memory_gb = round(int(line.split()[1]) / 1024 ** 2, 1)
     except OSError:
         pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count()
+    usable = usable_cpu_count()
     info: dict[str, Any] = {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "platform": platform.platform(),

@@ -22,6 +22,7 @@ import SimpleITK as sitk
 
 from ..errors import InputError, OutputError
 from .geometry import affine_from_itk, itk_from_affine, voxel_spacing
+from .parallel_gzip import ParallelGzipWriter
 
 PathLike = Union[str, Path]
 
@@ -441,11 +442,11 @@ def write_nifti(
     img = nifti_image(data, reference, dtype=dtype, description=description)
     lower = p.name.lower()
     try:
-        # streamed slab by slab by nibabel (no whole-file bytes in memory); the gzip stream
-        # has no name and mtime 0, like gzip.compress (reproducible files)
+        # streamed slab by slab by nibabel (no whole-file bytes in memory) into one gzip
+        # member deflated on all cores (io/parallel_gzip.py); no name, mtime 0 (reproducible)
         with open(p, "wb") as raw:
             if ".nii.gz" in lower or lower.endswith(".gz"):
-                with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0, filename="") as gz:
+                with ParallelGzipWriter(raw, level=6) as gz:
                     img.to_file_map({"image": nib.FileHolder(fileobj=gz), "header": nib.FileHolder(fileobj=gz)})
             else:
                 img.to_file_map({"image": nib.FileHolder(fileobj=raw), "header": nib.FileHolder(fileobj=raw)})

@@ -26,12 +26,13 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from .. import __version__
+from ..settings import SCAN_NORMALISATIONS
 from ..segmentation.calibration import Calibration, default_percentile, resolve_percentile
 from ..errors import InputError
 from ..io.geometry import voxel_volume_ml
 from .inference import VolumeScores, scores_on_volume_grid
 from ..model.position_stats import PositionStats
-from ..segmentation.postprocess import DEFAULT_MAX_FALSE_COMPONENTS, DEFAULT_MIN_COMPONENT_ML
+from ..segmentation.postprocess import DEFAULT_MAX_FALSE_COMPONENTS, DEFAULT_MIN_COMPONENT_ML, standardise_scan
 from ..data.preprocessing import PreparedVolume, PreprocessConfig, prepare_volume
 from ..progress import CancelCallback, ProgressCallback, ProgressEvent, check_cancel, emit
 from ..io.volume_io import Volume, read_volume
@@ -55,7 +56,7 @@ class IntensityBaseline:
 
     def __init__(self, mode: str = "bright", preprocessing: Optional[PreprocessConfig] = None,
                  *, healthy_median: Optional[float] = None, calibration: Optional[Calibration] = None,
-                 default_percentile: float = 98.0, smoothing_mm: float = 0.0,
+                 default_percentile: float = 98.0, smoothing_mm: float = 0.0, scan_normalise: str = "off",
                  min_component_ml: Optional[float] = None, max_false_components: Optional[float] = None) -> None:
         if mode not in INTENSITY_MODES:
             raise ValueError(f"unknown intensity mode {mode!r}; choose one of {', '.join(INTENSITY_MODES)}")
@@ -69,6 +70,9 @@ class IntensityBaseline:
         self._default_percentile = float(default_percentile)
         # the same post-processing and operating-point rule as a trained model (fair comparison)
         self.smoothing_mm = float(smoothing_mm)
+        if scan_normalise not in SCAN_NORMALISATIONS:
+            raise ValueError(f"scan_normalise must be one of {', '.join(SCAN_NORMALISATIONS)}, got {scan_normalise!r}")
+        self.scan_normalise = scan_normalise
         self.min_component_ml = DEFAULT_MIN_COMPONENT_ML if min_component_ml is None else float(min_component_ml)
         self.max_false_components = (DEFAULT_MAX_FALSE_COMPONENTS if max_false_components is None
                                      else float(max_false_components))
@@ -87,8 +91,10 @@ class IntensityBaseline:
     @property
     def version(self) -> str:
         """Library version / name / digest of the calibration (like a model's version)."""
-        digest = hashlib.sha256(repr((self.mode, self.healthy_median, self.preprocessing.to_dict(),
-                                      self.smoothing_mm)).encode())
+        identity = (self.mode, self.healthy_median, self.preprocessing.to_dict(), self.smoothing_mm)
+        if self.scan_normalise != "off":  # digests of baselines without it stay as they were
+            identity += (self.scan_normalise,)
+        digest = hashlib.sha256(repr(identity).encode())
         if self.calibration is not None:
             digest.update(np.asarray(self.calibration.values, dtype=np.float64).tobytes())
         return f"{__version__}/{self.name}/{digest.hexdigest()[:12]}"
@@ -112,6 +118,8 @@ class IntensityBaseline:
             return np.abs(self.position_stats.normalise(prepared.images, prepared.masks, prepared.slice_indices))
         scores = self._transform(prepared.images)
         scores[~prepared.masks] = 0.0
+        if self.scan_normalise.startswith("terms-"):
+            standardise_scan(scores, prepared.masks, self.scan_normalise.removeprefix("terms-"))
         return scores
 
     def score_volume(self, volume: VolumeLike, *, device: Any = "auto", batch_size: int = 16,
@@ -122,7 +130,8 @@ class IntensityBaseline:
         volume = _as_volume(volume)
         emit(progress, ProgressEvent("prepare", 0.0, message="preprocessing"))
         prepared = prepare_volume(volume, self.preprocessing, progress=progress, cancel=cancel)
-        scores = scores_on_volume_grid(self.score_prepared(prepared), prepared, volume, smoothing_mm=self.smoothing_mm)
+        scores = scores_on_volume_grid(self.score_prepared(prepared), prepared, volume, smoothing_mm=self.smoothing_mm,
+                                       scan_normalise=self.scan_normalise)
         emit(progress, ProgressEvent("segment", 1.0, message="scored"))
         return scores
 
@@ -165,7 +174,8 @@ class IntensityBaseline:
         # voxel-grid values inside the brain: the same values predict_mask thresholds
         maps = []
         for p in prepared:
-            scores = scores_on_volume_grid(self.score_prepared(p), p, smoothing_mm=self.smoothing_mm)
+            scores = scores_on_volume_grid(self.score_prepared(p), p, smoothing_mm=self.smoothing_mm,
+                                           scan_normalise=self.scan_normalise)
             maps.append((scores.heatmap, scores.brain_mask, voxel_volume_ml(p.affine)))
         names = [p.name for p in prepared]
         source = f"{len(names)} healthy volume(s): " + ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
@@ -193,6 +203,7 @@ class IntensityBaseline:
             "healthy_median": self.healthy_median,
             "default_percentile": self._default_percentile,
             "smoothing_mm": self.smoothing_mm,
+            "scan_normalise": self.scan_normalise,
             "min_component_ml": self.min_component_ml,
             "max_false_components": self.max_false_components,
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
@@ -212,6 +223,7 @@ class IntensityBaseline:
             calibration=Calibration.from_dict(cal) if cal else None,
             default_percentile=float(data.get("default_percentile", 98.0)),
             smoothing_mm=float(data.get("smoothing_mm", 0.0)),
+            scan_normalise=str(data.get("scan_normalise", "off")),
             min_component_ml=data.get("min_component_ml"),
             max_false_components=data.get("max_false_components"),
         )

@@ -49,7 +49,8 @@ def calibrate_prepared(
     for index, item in enumerate(prepared):
         check_cancel(cancel)
         raw = score_prepared(model, item, device=device, batch_size=batch_size, cancel=cancel)
-        scores = scores_on_volume_grid(raw, item, smoothing_mm=model.method.smoothing_mm)
+        scores = scores_on_volume_grid(raw, item, smoothing_mm=model.method.smoothing_mm,
+                                       scan_normalise=model.method.scan_normalise)
         maps.append((scores.heatmap, scores.brain_mask, voxel_volume_ml(item.affine)))
         n_images += len(item.images)
         emit(progress, ProgressEvent("calibrate", (index + 1) / len(prepared),

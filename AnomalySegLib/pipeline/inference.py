@@ -21,7 +21,7 @@ from ..nn.methods import anomaly_scores
 from ..nn.speed import configure_cpu_threads, inference_autocast, inference_dtype, inference_network
 from ..progress import CancelCallback, ProgressCallback, ProgressEvent, check_cancel, emit
 from ..segmentation.calibration import resolve_percentile
-from ..segmentation.postprocess import smooth_in_mask
+from ..segmentation.postprocess import smooth_in_mask, standardise_scan
 from ..segmentation.segment import SegmentationResult, segment_heatmap
 
 if TYPE_CHECKING:
@@ -68,12 +68,20 @@ def score_prepared(
     sign = None
     if signed:
         sign, out = np.sign(out), np.abs(out)
+    terms = model.method.scan_normalise.startswith("terms-")
+    mode = model.method.scan_normalise.removeprefix("terms-")
     if model.position_stats is not None and normalise:
         out = model.position_stats.normalise(out, prepared.masks, prepared.slice_indices)
+        if terms:
+            standardise_scan(out, prepared.masks, mode)
         w = float(model.method.fuse_intensity)
         if w > 0 and model.intensity_stats is not None:
             z_int = model.intensity_stats.normalise(prepared.images, prepared.masks, prepared.slice_indices)
+            if terms:
+                standardise_scan(z_int, prepared.masks, mode)
             out = (out + w * intensity_deviation(z_int, model.method.intensity_term, sign)) / (1.0 + w)
+    elif terms and normalise:
+        standardise_scan(out, prepared.masks, mode)
     return out
 
 
@@ -101,18 +109,22 @@ class VolumeScores:
 
 
 def scores_on_volume_grid(maps: np.ndarray, prepared: PreparedVolume, volume: Optional[Volume] = None,
-                          *, smoothing_mm: float = 0.0) -> VolumeScores:
+                          *, smoothing_mm: float = 0.0, scan_normalise: str = "off") -> VolumeScores:
     """Model-space maps [N, S, S] -> anomaly map on the input's voxel grid, 0 outside the brain.
 
     The one place where maps leave model space: inference, calibration and the baselines
     all threshold/calibrate exactly these voxel values. ``smoothing_mm`` > 0 smooths the
-    map inside the brain (:func:`.postprocess.smooth_in_mask`, sigma in mm).
+    map inside the brain (:func:`.postprocess.smooth_in_mask`, sigma in mm); then
+    ``scan_normalise`` standardises it by the scan's own brain-voxel distribution
+    (:func:`.postprocess.standardise_scan`).
     """
     brain = brain_mask_in_volume(prepared)
     heatmap = to_volume_grid(maps, prepared, order=1)  # float32, a new array
     heatmap[~brain] = 0.0
     if smoothing_mm > 0:
         heatmap = smooth_in_mask(heatmap, brain, smoothing_mm, voxel_spacing(prepared.affine), out=heatmap)
+    if not scan_normalise.startswith("terms-"):  # those act in model space (score_prepared)
+        standardise_scan(heatmap, brain, scan_normalise)
     return VolumeScores(heatmap=heatmap, brain_mask=brain, volume=volume, raw_input=prepared.raw_input,
                         extracted_brain=prepared.extracted_brain)
 
@@ -160,7 +172,8 @@ def score_prepared_volume(
                                      message=f"slice {done}/{total}"))
 
     maps = score_prepared(model, prepared, device=device, batch_size=batch_size, cancel=cancel, on_batch=on_batch)
-    scores = scores_on_volume_grid(maps, prepared, volume, smoothing_mm=model.method.smoothing_mm)
+    scores = scores_on_volume_grid(maps, prepared, volume, smoothing_mm=model.method.smoothing_mm,
+                                   scan_normalise=model.method.scan_normalise)
     emit(progress, ProgressEvent("segment", 1.0, message="scored"))
     return scores
 

@@ -1,0 +1,21 @@
+"""How many CPUs this process may use (torch-free: the I/O and preprocessing threads use it)."""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["usable_cpu_count", "worker_threads"]
+
+
+def usable_cpu_count() -> int:
+    """Logical CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_threads(limit: int = 8) -> int:
+    """Threads for work that releases the GIL (deflate, scipy.ndimage): the usable CPUs,
+    at most ``limit``."""
+    return max(1, min(int(limit), usable_cpu_count()))
