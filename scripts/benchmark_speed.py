@@ -23,7 +23,8 @@ loaded machine):
   ratios = reference seconds / ours, and the max map difference to the plain network.
 * ``train_compare``: training steps at ``--train-size`` / ``--train-width`` / ``--batch-size``
   (default: the CPU profile, 96 px, width 16, batch 32): the dae U-Net NCHW vs channels-last,
-  and AMCons ours vs the authors' network and loss.
+  and AMCons ours vs the authors' network and loss; with ``--compile-train`` also the
+  ``torch.compile``'d steps (amcons, dae) and their one-off compilation seconds.
 * ``stages``: one 1 mm 256 x 256 x 176 volume end to end (read, preprocess, network, map
   back, threshold + lesions, write), seconds per stage, ``--e2e-method`` (amcons).
 
@@ -364,7 +365,9 @@ def measure_train_compare(cfg: dict) -> dict:
     # native bf16 (or CUDA mixed precision); float32 elsewhere
     mixed = mixed_precision_training(device)
 
-    def add(name, arch, channels_last, loss_fn, net=None, amp=False):
+    compile_seconds: dict = {}
+
+    def add(name, arch, channels_last, loss_fn, net=None, amp=False, compiled=False):
         torch.manual_seed(0)
         net = net if net is not None else build_network(
             VAEConfig(image_size=size, base_width=width, latent_dim=cfg["latent_dim"], architecture=arch))
@@ -375,17 +378,24 @@ def measure_train_compare(cfg: dict) -> dict:
         opt = torch.optim.Adam(net.parameters(), lr=1e-4)
 
         xx = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        # as the Trainer compiles it (TrainConfig.compile): the loss of (x, mask), dynamic=False
+        run = (torch.compile(lambda a, b: loss_fn(net, a, b), dynamic=False) if compiled
+               else (lambda a, b: loss_fn(net, a, b)))
 
         def step():
             torch.manual_seed(1)
             with training_autocast(device, amp):
-                loss, _ = loss_fn(net, xx, m)
+                loss, _ = run(xx, m)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             return float(loss.detach())
 
         setups[name] = step
+        if compiled:  # the one-off compilation, timed apart from the steady-state steps
+            t0 = time.perf_counter()
+            step()
+            compile_seconds[name] = time.perf_counter() - t0
 
     dae, amc = MethodParams.defaults("dae"), MethodParams.defaults("amcons")
     add("dae_before_nchw", "unet", False, lambda n, a, b: training_loss(n, a, b, dae, epoch=0))
@@ -395,6 +405,14 @@ def measure_train_compare(cfg: dict) -> dict:
         add("dae_mixed", "unet", device.type == "cpu", lambda n, a, b: training_loss(n, a, b, dae, epoch=0), amp=True)
         add("amcons_ours_mixed", "vae", device.type == "cpu", lambda n, a, b: training_loss(n, a, b, amc, epoch=1),
             amp=True)
+    if cfg.get("compile_train") and hasattr(torch, "compile"):
+        for name, arch, params in (("amcons_ours_compiled", "vae", amc), ("dae_compiled", "unet", dae)):
+            try:
+                add(name, arch, mixed and device.type == "cpu",
+                    lambda n, a, b, p=params: training_loss(n, a, b, p, epoch=1), amp=mixed, compiled=True)
+            except Exception as exc:  # noqa: BLE001 -- no compiler here: report, measure the rest
+                setups.pop(name, None)
+                compile_seconds[name] = f"failed: {str(exc).strip().splitlines()[0][:120]}"
     ref = reference_network(size, width, cfg["latent_dim"])
     opts = RefOptions()
     add("amcons_reference", "vae", False,
@@ -411,6 +429,12 @@ def measure_train_compare(cfg: dict) -> dict:
                        **({"dae_mixed_vs_float32_nchw": ips["dae_mixed"] / ips["dae_before_nchw"],
                            "amcons_ours_mixed_vs_reference": ips["amcons_ours_mixed"] / ips["amcons_reference"]}
                           if mixed else {})},
+            "compile_seconds": compile_seconds,
+            "compiled_ratios": {label: ips[k] / ips[base] for label, k, base in (
+                ("amcons_compiled_vs_reference", "amcons_ours_compiled", "amcons_reference"),
+                ("amcons_compiled_vs_eager", "amcons_ours_compiled", "amcons_ours_mixed" if mixed else "amcons_ours"),
+                ("dae_compiled_vs_eager", "dae_compiled", "dae_mixed" if mixed else "dae_after_channels_last"))
+                if k in ips},
             "dae_first_loss_rel_diff": abs(first["dae_after_channels_last"] - first["dae_before_nchw"])
             / abs(first["dae_before_nchw"])}
 
@@ -542,6 +566,12 @@ def compare_markdown(report: dict) -> list:
                               f"on a CPU with native bf16): dae {r['ratios']['dae_mixed_vs_float32_nchw']:.2f}x its "
                               f"float32 NCHW step; amcons ours / authors': "
                               f"**{r['ratios']['amcons_ours_mixed_vs_reference']:.2f}x**."]
+            if r.get("compile_seconds"):
+                comp = r.get("compiled_ratios", {})
+                lines += ["", "torch.compile'd steps (`train --compile`), steady state after a one-off compilation of "
+                          + ", ".join(f"{k}: {v:.0f} s" if isinstance(v, float) else f"{k}: {v}"
+                                      for k, v in r["compile_seconds"].items()) + "; "
+                          + ", ".join(f"{k.replace('_', ' ')} **{v:.2f}x**" for k, v in comp.items()) + "."]
         elif r.get("kind") == "stages" and "seconds" in r:
             sec = r["seconds"]
             lines += ["", f"End to end, {r['method']}, one {'x'.join(map(str, r['volume_shape']))} 1 mm volume "
@@ -623,6 +653,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--train-size", type=int, default=96, help="train_compare image size (CPU profile: 96)")
     p.add_argument("--train-width", type=int, default=16, help="train_compare width (CPU profile: 16)")
     p.add_argument("--train-repeats", type=int, default=5, help="timed steps per network in train_compare")
+    p.add_argument("--compile-train", action="store_true",
+                   help="train_compare: also time the torch.compile'd training steps (amcons, dae; ~1-2 min "
+                        "of compilation each on a 2-core CPU, reported apart)")
     p.add_argument("--e2e-method", default="amcons", choices=("amcons", "gradcamcons", "vae", "dae"),
                    help="method of the per-stage end-to-end profile")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -643,7 +676,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = {k: getattr(args, k) for k in ("device", "image_size", "width", "latent_dim", "batch_size",
                                           "eval_batch_size", "train_steps", "repeats", "resolution", "slices",
                                           "distinct_volumes", "methods", "compare_sizes", "train_size",
-                                          "train_width", "train_repeats", "e2e_method", "measure")}
+                                          "train_width", "train_repeats", "e2e_method", "measure",
+                                          "compile_train")}
     jobs = []
     for kind in args.measure:
         jobs += [(kind, m) for m in args.methods] if kind in ("train", "score_volume") else [(kind, None)]

@@ -228,3 +228,19 @@ def test_scan_score_spread_coefficients_against_hand_values():
     assert cv["raw"] == pytest.approx(raw.std() / raw.mean())
     centred = np.array([6.0, 12.0, 18.0])
     assert cv["minus median"] == pytest.approx(centred.std() / centred.mean())
+
+
+def test_speed_report_shows_compiled_training_apart_from_its_compilation():
+    speed = _script("benchmark_speed")
+    ips = {"dae_before_nchw": 20.0, "dae_after_channels_last": 22.0, "amcons_ours": 70.0, "dae_mixed": 50.0,
+           "amcons_ours_mixed": 100.0, "amcons_reference": 50.0, "amcons_ours_compiled": 160.0}
+    report = {"results": [{"kind": "train_compare", "method": None, "image_size": 96, "width": 16, "batch_size": 32,
+                           "images_per_second": ips, "dae_first_loss_rel_diff": 1e-7,
+                           "ratios": {"dae_after_vs_before": 1.1, "amcons_ours_vs_reference": 1.4,
+                                      "dae_mixed_vs_float32_nchw": 2.5, "amcons_ours_mixed_vs_reference": 2.0},
+                           "compile_seconds": {"amcons_ours_compiled": 95.4, "dae_compiled": "failed: no compiler"},
+                           "compiled_ratios": {"amcons_compiled_vs_reference": 3.2,
+                                               "amcons_compiled_vs_eager": 1.6}}]}
+    text = "\n".join(speed.compare_markdown(report))
+    assert "amcons_ours_compiled: 95 s" in text and "dae_compiled: failed: no compiler" in text
+    assert "amcons compiled vs reference **3.20x**" in text and "amcons compiled vs eager **1.60x**" in text

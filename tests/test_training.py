@@ -172,3 +172,58 @@ def test_cpu_mixed_precision_trains_close_to_float32(small_volumes, tmp_path, me
     assert first_losses["mixed"] == pytest.approx(first_losses["fp32"], rel=2e-2)
     back = load_model(out)
     assert back.training["cpu_bfloat16"] is native and back.calibration is not None
+
+
+def test_compile_falls_back_to_the_eager_step_when_compilation_fails(small_volumes, monkeypatch):
+    """``compile=True`` where torch.compile cannot work (here: it raises on first use, as
+    it does without a C++ compiler) trains exactly as without it and says so."""
+    import AnomalySegLib.pipeline.training as training
+
+    plain = train_model(small_volumes, TrainConfig(**FAST))
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(training.torch, "compile", broken_compile)
+    events = []
+    model = train_model(small_volumes, TrainConfig(**FAST, compile=True), progress=events.append)
+    assert model.training["compiled"] is False and model.training["config"]["compile"] is True
+    notes = model.training["compile_notes"]
+    assert any("no working C++ compiler" in n and "training eagerly" in n for n in notes)
+    assert any("training eagerly" in (e.message or "") for e in events)
+    for key, value in _weights(plain).items():  # the failed attempt changed nothing
+        torch.testing.assert_close(model.network.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_compile_is_not_attempted_for_gradcamcons_and_dae_and_settings_are_checked(small_volumes, monkeypatch):
+    import AnomalySegLib.pipeline.training as training
+
+    called = []
+    monkeypatch.setattr(training.torch, "compile", lambda *a, **k: called.append(1))
+    model = train_model(small_volumes, TrainConfig(**{**FAST, "method": "gradcamcons", "epochs": 1}, compile=True))
+    assert not called and model.training["compiled"] is False
+    assert any("double backward" in n for n in model.training["compile_notes"])
+    model = train_model(small_volumes, TrainConfig(**{**FAST, "method": "dae", "epochs": 1}, compile=True))
+    assert not called and model.training["compiled"] is False
+    assert any("measured slower" in n for n in model.training["compile_notes"])
+    with pytest.raises(AnomalySegError, match="compile must be true or false"):
+        train_model(small_volumes, TrainConfig(**FAST, compile="yes"))
+
+
+def test_compiled_training_step_trains_like_the_eager_one(small_volumes):
+    """The real torch.compile path (inductor; ~30-60 s to compile even this tiny network):
+    the loss history follows the eager run's closely and the saved model is an ordinary one."""
+    config = {**FAST, "method": "amcons", "epochs": 3, "amp": False}
+    eager = train_model(small_volumes, TrainConfig(**config))
+    compiled = train_model(small_volumes, TrainConfig(**config, compile=True))
+    if not compiled.training["compiled"]:
+        pytest.skip("torch.compile is not available here: " + "; ".join(compiled.training["compile_notes"]))
+    assert any("compiling the training step" in n for n in compiled.training["compile_notes"])
+    a = [h["loss"] for h in eager.training["history"]]
+    b = [h["loss"] for h in compiled.training["history"]]
+    assert b[-1] < b[0]  # it learns
+    np.testing.assert_allclose(b, a, rtol=0.25)  # the same schedule; only the sampling noise differs
+    assert all(v.dtype == torch.float32 and v.is_contiguous() for v in compiled.network.state_dict().values()
+               if v.is_floating_point())

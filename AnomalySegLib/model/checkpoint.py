@@ -26,8 +26,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 CHECKPOINT_FORMAT = "anomalyseg-checkpoint"
 
-#: Training settings that may legitimately differ when resuming (more epochs, other device).
-RESUMABLE_CHANGES = ("epochs", "device", "amp", "profile")
+#: Training settings that may legitimately differ when resuming (more epochs, other device,
+#: precision or compilation: the same weights either way).
+RESUMABLE_CHANGES = ("epochs", "device", "amp", "profile", "compile")
 
 
 def write_checkpoint(path: PathLike, *, config: dict, network_config: VAEConfig, preprocessing: PreprocessConfig,
