@@ -44,8 +44,9 @@ class ParallelGzipWriter(io.IOBase):
     """Write-only binary file object producing a gzip stream (see the module docstring).
 
     ``fileobj`` receives the compressed bytes; it is not closed by :meth:`close`.
-    ``threads`` (default: the usable CPUs, at most 8); 1 compresses in the calling thread (same bytes as with more threads);
-    ``chunk_bytes`` defaults to :data:`DEFAULT_CHUNK_BYTES`.
+    ``threads`` defaults to the usable CPUs (at most 8); 1 compresses in the calling thread
+    (the same bytes as with more threads). ``chunk_bytes`` defaults to
+    :data:`DEFAULT_CHUNK_BYTES`.
     """
 
     def __init__(self, fileobj: BinaryIO, *, level: int = 6, threads: Optional[int] = None,

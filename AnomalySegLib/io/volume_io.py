@@ -9,7 +9,6 @@ series go through SimpleITK, whose LPS geometry is converted with
 from __future__ import annotations
 
 import contextlib
-import gzip
 import os
 import re
 from dataclasses import dataclass, field
