@@ -5,12 +5,12 @@ Smoothing, position normalisation and intensity fusion act after the network, so
 trained model (e.g. ``models/dae_seed0.pt`` written by ``scripts/run_benchmark.py``) is
 re-calibrated and re-evaluated under each variant without retraining. Each variant is
 ``NAME:KEY=VALUE,KEY=VALUE`` over :class:`~AnomalySegLib.nn.methods.MethodParams` fields
-(``smoothing_mm``, ``position_normalise``, ``fuse_intensity``); position statistics are
-fitted on the same training volumes as the model, the operating point on the same
-held-out healthy volumes (seeded 80/20 split of the benchmark's healthy cohort, as in
-``run_benchmark.py``). The intensity baseline is evaluated under the same smoothing as
-each variant, so every comparison has equal post-processing. No lesion is used before
-the final metrics.
+(``smoothing_mm``, ``position_normalise``, ``fuse_intensity``, ``scan_normalise``, ...);
+position statistics are fitted on the same training volumes as the model, the operating
+point on the same held-out healthy volumes (seeded 80/20 split of the benchmark's healthy
+cohort, as in ``run_benchmark.py``). The intensity baseline is evaluated under the same smoothing and
+per-scan standardisation (``scan_normalise``) as each variant, so every comparison has equal
+post-processing. No lesion is used before the final metrics.
 
 Example::
 
@@ -55,7 +55,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 def evaluate_variant(model, overrides: dict, train, cal, data: dict, device: str,
                      baseline_cache: Optional[dict] = None, baselines: Sequence[str] = ("intensity",)) -> dict:
-    """Apply ``overrides`` to a copy of ``model``, refit its statistics and calibration, evaluate."""
+    """Apply ``overrides`` to a copy of ``model``, refit its statistics and calibration, evaluate.
+
+    ``baseline_cache`` is shared by the variants of one run: baseline results per (smoothing,
+    standardisation) and position statistics per model-space setting are computed once."""
     from AnomalySegLib.pipeline.baselines import IntensityBaseline
     from AnomalySegLib.pipeline.calibrate import calibrate
     from AnomalySegLib.evaluation.harness import evaluate_model
