@@ -12,6 +12,7 @@ from AnomalySegLib.segmentation.postprocess import (
     remove_small_components,
     select_operating_percentile,
     smooth_in_mask,
+    standardisation_stages,
     standardise_scan,
     threshold_mask,
 )
@@ -308,3 +309,16 @@ def test_standardise_scan_subsamples_planes_of_very_large_brains(monkeypatch):
     approx = standardise_scan(heat.copy(), brain, "interdecile")
     assert not np.array_equal(approx, exact)  # the subsample was used ...
     np.testing.assert_allclose(approx[brain], exact[brain], atol=0.05)  # ... and estimates the same
+
+
+def test_each_scan_normalise_setting_acts_at_one_stage():
+    """(model space, voxel grid): terms-* standardise the fused terms, the others the final map."""
+    from AnomalySegLib.settings import SCAN_NORMALISATIONS
+
+    assert standardisation_stages("terms-upper") == ("upper", "off")
+    assert standardisation_stages("terms-interdecile") == ("interdecile", "off")
+    assert standardisation_stages("upper") == ("off", "upper")
+    assert standardisation_stages("off") == ("off", "off")
+    for setting in SCAN_NORMALISATIONS:  # every setting maps onto modes standardise_scan knows
+        for mode in standardisation_stages(setting):
+            assert mode in ("off", "interdecile", "upper")

@@ -122,9 +122,7 @@ class ParallelGzipWriter(io.IOBase):
             self._drain(0)
             self._out.write(struct.pack("<II", self._crc & 0xFFFFFFFF, self._size & 0xFFFFFFFF))
         finally:
-            self._closed = True
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
+            self._stop()
 
     def __enter__(self) -> "ParallelGzipWriter":
         return self
@@ -133,11 +131,14 @@ class ParallelGzipWriter(io.IOBase):
         if exc_type is None:
             self.close()
         else:  # do not finish a stream whose content is incomplete; just stop the threads
-            self._closed = True
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
+            self._stop()
 
     # -- internals ------------------------------------------------------------------------
+    def _stop(self) -> None:
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
     def _submit(self, piece: bytes, final: bool = False) -> None:
         if self._pool is None:
             self._out.write(_deflate(piece, self._level, final))

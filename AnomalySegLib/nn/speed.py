@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..cpus import usable_cpus
 from .device import autocast_for
 from .networks import BasicBlock
 
@@ -188,10 +189,7 @@ def inference_autocast(device: torch.device, method: str):
 
 def physical_cores() -> int:
     """Physical cores this process may use (hyper-threads not counted)."""
-    try:
-        allowed = os.sched_getaffinity(0)
-    except (AttributeError, OSError):
-        allowed = set(range(os.cpu_count() or 1))
+    allowed = usable_cpus()
     cores = set()
     try:
         cpu = phys = core = None

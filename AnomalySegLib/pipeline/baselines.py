@@ -32,7 +32,8 @@ from ..errors import InputError
 from ..io.geometry import voxel_volume_ml
 from .inference import VolumeScores, scores_on_volume_grid
 from ..model.position_stats import PositionStats
-from ..segmentation.postprocess import DEFAULT_MAX_FALSE_COMPONENTS, DEFAULT_MIN_COMPONENT_ML, standardise_scan
+from ..segmentation.postprocess import (DEFAULT_MAX_FALSE_COMPONENTS, DEFAULT_MIN_COMPONENT_ML,
+                                        standardisation_stages, standardise_scan)
 from ..data.preprocessing import PreparedVolume, PreprocessConfig, prepare_volume
 from ..progress import CancelCallback, ProgressCallback, ProgressEvent, check_cancel, emit
 from ..io.volume_io import Volume, read_volume
@@ -118,9 +119,7 @@ class IntensityBaseline:
             return np.abs(self.position_stats.normalise(prepared.images, prepared.masks, prepared.slice_indices))
         scores = self._transform(prepared.images)
         scores[~prepared.masks] = 0.0
-        if self.scan_normalise.startswith("terms-"):
-            standardise_scan(scores, prepared.masks, self.scan_normalise.removeprefix("terms-"))
-        return scores
+        return standardise_scan(scores, prepared.masks, standardisation_stages(self.scan_normalise)[0])
 
     def score_volume(self, volume: VolumeLike, *, device: Any = "auto", batch_size: int = 16,
                      progress: Optional[ProgressCallback] = None,

@@ -21,7 +21,7 @@ from ..nn.methods import anomaly_scores
 from ..nn.speed import configure_cpu_threads, inference_autocast, inference_dtype, inference_network
 from ..progress import CancelCallback, ProgressCallback, ProgressEvent, check_cancel, emit
 from ..segmentation.calibration import resolve_percentile
-from ..segmentation.postprocess import smooth_in_mask, standardise_scan
+from ..segmentation.postprocess import smooth_in_mask, standardisation_stages, standardise_scan
 from ..segmentation.segment import SegmentationResult, segment_heatmap
 
 if TYPE_CHECKING:
@@ -68,20 +68,18 @@ def score_prepared(
     sign = None
     if signed:
         sign, out = np.sign(out), np.abs(out)
-    terms = model.method.scan_normalise.startswith("terms-")
-    mode = model.method.scan_normalise.removeprefix("terms-")
-    if model.position_stats is not None and normalise:
+    # per-scan standardisation of the (fused) terms, when the setting acts in model space
+    mode = standardisation_stages(model.method.scan_normalise)[0] if normalise else "off"
+    z_scored = model.position_stats is not None and normalise
+    if z_scored:
         out = model.position_stats.normalise(out, prepared.masks, prepared.slice_indices)
-        if terms:
-            standardise_scan(out, prepared.masks, mode)
-        w = float(model.method.fuse_intensity)
-        if w > 0 and model.intensity_stats is not None:
-            z_int = model.intensity_stats.normalise(prepared.images, prepared.masks, prepared.slice_indices)
-            if terms:
-                standardise_scan(z_int, prepared.masks, mode)
-            out = (out + w * intensity_deviation(z_int, model.method.intensity_term, sign)) / (1.0 + w)
-    elif terms and normalise:
-        standardise_scan(out, prepared.masks, mode)
+    standardise_scan(out, prepared.masks, mode)
+    w = float(model.method.fuse_intensity)
+    if z_scored and w > 0 and model.intensity_stats is not None:
+        z_int = standardise_scan(
+            model.intensity_stats.normalise(prepared.images, prepared.masks, prepared.slice_indices),
+            prepared.masks, mode)
+        out = (out + w * intensity_deviation(z_int, model.method.intensity_term, sign)) / (1.0 + w)
     return out
 
 
@@ -123,8 +121,7 @@ def scores_on_volume_grid(maps: np.ndarray, prepared: PreparedVolume, volume: Op
     heatmap[~brain] = 0.0
     if smoothing_mm > 0:
         heatmap = smooth_in_mask(heatmap, brain, smoothing_mm, voxel_spacing(prepared.affine), out=heatmap)
-    if not scan_normalise.startswith("terms-"):  # those act in model space (score_prepared)
-        standardise_scan(heatmap, brain, scan_normalise)
+    standardise_scan(heatmap, brain, standardisation_stages(scan_normalise)[1])  # terms-*: in score_prepared
     return VolumeScores(heatmap=heatmap, brain_mask=brain, volume=volume, raw_input=prepared.raw_input,
                         extracted_brain=prepared.extracted_brain)
 

@@ -461,7 +461,7 @@ class Trainer:
             "amp": bool(self.use_amp),
             "cpu_bfloat16": bool(self.cpu_amp),
             # whether the steps really ran compiled (config.compile asks; it may fall back)
-            "compiled": bool(self.compiled_steps > 0 and self.compiled_step is not None),
+            "compiled": self.compiled_steps > 0,  # a failed first compiled step counts none
             "compile_notes": list(self.compile_notes),
             "fine_tuned_from": self.init_id or None,
             "history": self.history,

@@ -38,6 +38,7 @@ __all__ = [
     "min_component_voxels",
     "smooth_in_mask",
     "standardise_scan",
+    "standardisation_stages",
     "remove_small_components",
     "count_components",
     "threshold_mask",
@@ -138,6 +139,15 @@ SMOOTH_SLAB = 16
 #: Brain voxels used for a scan's percentiles at most (every k-th plane beyond it): exact
 #: for any brain up to ~4 M voxels (a 1 mm brain has ~1.3 M), bounded memory above.
 STANDARDISE_MAX_VOXELS = 4_000_000
+
+
+def standardisation_stages(scan_normalise: str) -> Tuple[str, str]:
+    """Where a ``MethodParams.scan_normalise`` setting acts: ``(model_space, voxel_grid)``,
+    each the :func:`standardise_scan` mode for that stage (``off`` where it does not act).
+    ``terms-*`` standardise the fused terms in model space, the others the final voxel-grid map."""
+    if scan_normalise.startswith("terms-"):
+        return scan_normalise[len("terms-"):], "off"
+    return "off", scan_normalise
 
 
 def standardise_scan(heatmap: np.ndarray, brain_mask: np.ndarray, mode: str) -> np.ndarray:
