@@ -75,7 +75,7 @@ def evaluate_variant(model, overrides: dict, train, cal, data: dict, device: str
         # the statistics are fitted in model space, before smoothing and scan standardisation:
         # variants differing only in those share them
         key = ("position_stats",) + tuple(sorted((k, repr(v)) for k, v in variant.method.to_dict().items()
-                                                  if k not in ("smoothing_mm", "scan_normalise")))
+                                                  if k not in ("smoothing_mm", "scan_normalise", "grow_percentile")))
         if key not in cache:
             prepared = [prepare_volume(read_volume(p), variant.preprocessing) for p in train]
             cache[key] = fit_position_stats(variant, prepared, device=device)
@@ -83,15 +83,16 @@ def evaluate_variant(model, overrides: dict, train, cal, data: dict, device: str
     variant.calibration = calibrate(variant, list(cal), device=device)
     out: dict = {"overrides": overrides, "operating_percentile": variant.default_percentile,
                  "healthy_false_components": variant.calibration.false_components_per_volume, "kinds": {}}
-    # a baseline only depends on the smoothing and the scan standardisation: evaluate it once per pair
-    post = (variant.method.smoothing_mm, variant.method.scan_normalise)
+    # a baseline only depends on the smoothing, the scan standardisation and the mask's growth:
+    # evaluate it once per combination
+    post = (variant.method.smoothing_mm, variant.method.scan_normalise, variant.method.grow_percentile)
     scorers = [("model", variant)]
     for name in baselines:
         if (name,) + post in cache:
             out["kinds"][name] = cache[(name,) + post]
             continue
         baseline = IntensityBaseline(bench.BASELINES[name], variant.preprocessing, smoothing_mm=post[0],
-                                     scan_normalise=post[1])
+                                     scan_normalise=post[1], grow_percentile=post[2])
         baseline.fit(list(cal), reference=list(train))
         scorers.append((name, baseline))
     for name, scorer in scorers:

@@ -172,3 +172,28 @@ def test_baseline_with_scan_standardisation_calibrates_standardised_scores(cohor
     assert IntensityBaseline.from_dict(legacy).version == plain.version  # older descriptions: off, same digest
     with pytest.raises(ValueError, match="scan_normalise"):
         IntensityBaseline("bright", CFG, scan_normalise="zscore")
+
+
+def test_baseline_mask_growth_is_the_models_rule(cohort):
+    """grow_percentile reaches the baseline's calibration and masks (equal post-processing)."""
+    from AnomalySegLib.segmentation.postprocess import threshold_mask
+
+    healthy, (lesion, _), _ = cohort
+    plain = IntensityBaseline("bright", CFG).fit(healthy)
+    grown = IntensityBaseline("bright", CFG, grow_percentile=95.0).fit(healthy)
+    assert plain.calibration.grow_percentile is None and grown.calibration.grow_percentile == 95.0
+    scores = grown.score_volume(lesion)
+    mask, thr = grown.predict_mask(scores, 99.5)
+    voxel_ml = float(np.prod(np.abs(np.diag(lesion.affine)[:3]))) / 1000.0
+    from AnomalySegLib.segmentation.postprocess import min_component_voxels
+
+    n = min_component_voxels(grown.calibration.min_component_ml, voxel_ml)
+    assert np.array_equal(mask, threshold_mask(scores.heatmap, scores.brain_mask, thr, n,
+                                               grow_threshold=grown.threshold(95.0)))
+    back = IntensityBaseline.from_dict(grown.to_dict())
+    assert back.grow_percentile == 95.0 and back.calibration.grow_percentile == 95.0
+    legacy = plain.to_dict()
+    legacy.pop("grow_percentile")
+    assert IntensityBaseline.from_dict(legacy).grow_percentile == 0.0
+    with pytest.raises(ValueError, match="grow percentile"):
+        IntensityBaseline("bright", CFG, grow_percentile=100.0)

@@ -244,3 +244,43 @@ def test_speed_report_shows_compiled_training_apart_from_its_compilation():
     text = "\n".join(speed.compare_markdown(report))
     assert "amcons_ours_compiled: 95 s" in text and "dae_compiled: failed: no compiler" in text
     assert "amcons compiled vs reference **3.20x**" in text and "amcons compiled vs eager **1.60x**" in text
+
+
+def test_speed_upsample_first_twin_is_the_same_network_and_is_reported():
+    """train_compare's 'before' decoder computes the same function (so its ratio is speed only)."""
+    import torch
+
+    from AnomalySegLib.nn.networks import ConvVAE, VAEConfig
+
+    speed = _script("benchmark_speed")
+    torch.manual_seed(0)
+    net = ConvVAE(VAEConfig(image_size=32, base_width=4, latent_dim=5)).double().eval()
+    twin = ConvVAE(VAEConfig(image_size=32, base_width=4, latent_dim=5)).double().eval()
+    twin.load_state_dict(net.state_dict())
+    twin = speed._upsample_first_decoder(twin)
+    z = torch.randn(3, 5, dtype=torch.float64)
+    assert torch.allclose(net.decode(z), twin.decode(z), atol=1e-10)
+    from AnomalySegLib.nn.networks import UpBlock
+
+    ups = [m for m in twin.modules() if isinstance(m, UpBlock)]
+    assert len(ups) == 4 and all("forward" in vars(m) for m in ups)  # the twin runs its own path
+    assert not any("forward" in vars(m) for m in net.modules() if isinstance(m, UpBlock))
+    report = {"results": [{"kind": "train_compare", "method": None, "image_size": 96, "width": 16, "batch_size": 32,
+                           "images_per_second": {"amcons_ours": 1.0}, "dae_first_loss_rel_diff": 0.0,
+                           "ratios": {"dae_after_vs_before": 1.0, "amcons_ours_vs_reference": 1.0},
+                           "decoder_phase_conv_vs_upsample_first": 1.1}]}
+    assert "upsample-then-block, same amcons step and precision: **1.10x**" in "\n".join(speed.compare_markdown(report))
+
+
+def test_speed_decoder_ab_runs_and_reports_a_ratio(tmp_path):
+    speed = _script("benchmark_speed")
+    out = tmp_path / "ab.json"
+    code = speed.main(["--output", str(out), "--markdown", str(tmp_path / "ab.md"), "--device", "cpu",
+                       "--measure", "decoder_ab", "--train-size", "32", "--train-width", "4", "--batch-size", "2",
+                       "--train-repeats", "1", "--resolution", "4", "--slices", "4", "--no-isolate"])
+    assert code == 0
+    r = json.loads(out.read_text())["results"][0]
+    assert r["kind"] == "decoder_ab" and set(r["images_per_second"]) == {"phase_conv", "upsample_first"}
+    assert r["phase_conv_vs_upsample_first"] == pytest.approx(
+        r["images_per_second"]["phase_conv"] / r["images_per_second"]["upsample_first"])
+    assert "Decoder A/B" in (tmp_path / "ab.md").read_text()

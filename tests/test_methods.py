@@ -301,3 +301,14 @@ def test_dae_scores_are_residual_inside_eroded_mask_and_need_a_unet():
     for bad in ({"noise_std": 0.0}, {"noise_cells": 0}, {"smoothing_mm": -1.0}):
         with pytest.raises(ValueError):
             MethodParams(**bad)
+
+
+def test_grow_percentile_is_validated_and_off_by_default_for_old_files():
+    from AnomalySegLib.nn.methods import MethodParams
+
+    assert MethodParams().grow_percentile == 0.0
+    assert MethodParams.from_dict({"method": "dae"}).grow_percentile == 0.0
+    assert MethodParams(method="dae", grow_percentile=99.0).grow_percentile == 99.0
+    for bad in (100.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="grow_percentile"):
+            MethodParams(method="dae", grow_percentile=bad)

@@ -130,3 +130,63 @@ def test_per_image_batchnorm_keeps_forward_values_and_running_stats():
     assert not torch.equal(before, after_normal)  # the normal pass updates running stats
     assert torch.equal(bn.running_mean, after_normal)  # the per-image pass does not
     assert not bn.per_image  # flag restored
+
+
+def _naive_upblock(up, x):
+    """The decoder stage as written in the paper's terms: upsample, then the residual block."""
+    return up.block(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def test_upsampled_conv3x3_weight_matches_conv_of_upsampled_image():
+    from AnomalySegLib.nn.networks import upsampled_conv3x3_weight
+
+    torch.manual_seed(3)
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    want = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"), w,
+                                      padding=1)
+    got = torch.nn.functional.pixel_shuffle(torch.nn.functional.conv2d(x, upsampled_conv3x3_weight(w), padding=1), 2)
+    assert got.shape == want.shape == (2, 5, 14, 12)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    # by hand: even output row 0 / even column 0 sees input row/col -1 (padding), 0, 0
+    k = upsampled_conv3x3_weight(w).view(5, 4, 3, 3, 3)
+    assert torch.equal(k[:, 0, :, 0, 0], w[:, :, 0, 0])
+    assert torch.allclose(k[:, 0, :, 1, 1], w[:, :, 1:, 1:].sum(dim=(-1, -2)))
+    assert torch.equal(k[:, 3, :, 2, 2], w[:, :, 2, 2])
+    assert torch.count_nonzero(k[:, 0, :, 2, :]) == 0 and torch.count_nonzero(k[:, 3, :, :, 0]) == 0
+
+
+@pytest.mark.parametrize("cin,cout", [(6, 3), (4, 4)])
+def test_upblock_equals_upsample_then_block_train_eval_and_folded(cin, cout):
+    from AnomalySegLib.nn.networks import UpBlock
+    from AnomalySegLib.nn.speed import fold_batchnorm
+
+    torch.manual_seed(1)
+    up = UpBlock(cin, cout).double()
+    x = torch.randn(4, cin, 5, 5, dtype=torch.float64, requires_grad=True)
+    twin = UpBlock(cin, cout).double()
+    twin.load_state_dict(up.state_dict())
+    # train mode: same outputs, same gradients w.r.t. input and every parameter
+    y, y_ref = up.train()(x), _naive_upblock(twin.train(), x)
+    assert torch.allclose(y, y_ref, rtol=0, atol=1e-10)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    gx, x.grad = x.grad, None
+    (y_ref * g).sum().backward()
+    assert torch.allclose(gx, x.grad, atol=1e-10)
+    for (name, p), (_, q) in zip(up.named_parameters(), twin.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-9), name
+    # running means identical; running variances differ only by the n/(n-1) correction
+    for (name, a), (_, b) in zip(up.named_buffers(), twin.named_buffers()):
+        if "running_var" in name:
+            assert torch.allclose(a, b, rtol=1e-2), name
+        elif "running_mean" in name:
+            assert torch.allclose(a, b, atol=1e-12), name
+    # eval mode, plain and BatchNorm-folded (conv1 then carries a bias)
+    up.eval()
+    with torch.no_grad():
+        ref = _naive_upblock(up, x)
+        assert torch.allclose(up(x), ref, atol=1e-10)
+        folded = fold_batchnorm(torch.nn.Sequential(up))
+        assert folded[0].block.conv1.bias is not None
+        assert torch.allclose(folded(x), ref, atol=1e-9)

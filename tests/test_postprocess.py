@@ -322,3 +322,99 @@ def test_each_scan_normalise_setting_acts_at_one_stage():
     for setting in SCAN_NORMALISATIONS:  # every setting maps onto modes standardise_scan knows
         for mode in standardisation_stages(setting):
             assert mode in ("off", "interdecile", "upper")
+
+
+# -- hysteresis (grow_percentile) ------------------------------------------------------------------
+
+
+def test_grow_into_keeps_whole_26_connected_regions_that_hold_a_seed():
+    region = np.zeros((5, 6, 6), bool)
+    region[1, 1:4, 1] = True          # region A: a line of 3
+    region[2, 4, 2] = True            # diagonal neighbour of A's end (1, 3, 1): 26-connected -> part of A
+    region[3:5, 4:6, 4:6] = True      # region B: 8 voxels, no seed
+    seeds = np.zeros_like(region)
+    seeds[1, 1, 1] = True
+    seeds[0, 0, 0] = True             # outside the region: ignored
+    got = postprocess.grow_into(seeds, region)
+    want = np.zeros_like(region)
+    want[1, 1:4, 1] = True
+    want[2, 4, 2] = True
+    assert np.array_equal(got, want)
+    assert not postprocess.grow_into(np.zeros_like(region), region).any()
+    seeds[4, 5, 5] = True
+    assert np.array_equal(postprocess.grow_into(seeds, region), region)
+
+
+def test_threshold_mask_with_hysteresis_by_hand():
+    heat = np.zeros((1, 1, 12), np.float32)
+    heat[0, 0, :] = [0, 0.6, 0.7, 0.95, 0.7, 0.6, 0, 0.6, 0.7, 0.6, 0, 0.99]
+    brain = np.ones(heat.shape, bool)
+    brain[0, 0, 1] = False
+    # plain: the two voxels above 0.9
+    assert np.flatnonzero(threshold_mask(heat, brain, 0.9)[0, 0]).tolist() == [3, 11]
+    # grown to 0.5: the seed at 3 takes its run 2..5 (voxel 1 is outside the brain); the run 7..9
+    # has no seed and stays out; 11 is a seed alone
+    assert np.flatnonzero(threshold_mask(heat, brain, 0.9, grow_threshold=0.5)[0, 0]).tolist() == [2, 3, 4, 5, 11]
+    # the minimum size acts on the grown regions: the 4-voxel region stays, the single voxel goes
+    assert np.flatnonzero(threshold_mask(heat, brain, 0.9, 2, grow_threshold=0.5)[0, 0]).tolist() == [2, 3, 4, 5]
+    # a growth threshold at or above the threshold changes nothing
+    for g in (0.9, 0.95):
+        assert np.array_equal(threshold_mask(heat, brain, 0.9, grow_threshold=g), threshold_mask(heat, brain, 0.9))
+
+
+def test_operating_point_counts_false_components_on_grown_masks():
+    # One healthy volume: two single-voxel peaks 0.97 and 0.99 on one plateau of 0.6 (4 voxels
+    # between them), and a lone peak 0.98 elsewhere. threshold_at(p) = p / 100, growth to 0.5.
+    heat = np.zeros((1, 1, 20), np.float32)
+    heat[0, 0, 2:8] = 0.6
+    heat[0, 0, 2], heat[0, 0, 7] = 0.97, 0.99
+    heat[0, 0, 15] = 0.98
+    healthy = [(heat, np.ones(heat.shape, bool), 0.008)]
+    grid = [96.0, 97.5, 98.5, 99.5]
+    # plain thresholds: 3 components at p96, 2 at p97.5, 1 at p98.5, 0 at p99.5
+    plain = [select_operating_percentile(healthy, lambda p: p / 100.0, grid, start_percentile=96.0,
+                                         min_component_ml=0.0, max_false_components=m, budget_confidence=0.0)
+             for m in (2.0, 1.0)]
+    assert plain == [(97.5, 2.0), (98.5, 1.0)]
+    # grown: the two plateau peaks are one component (2 at p96), and a 2-voxel minimum (0.016 mL)
+    # keeps the grown plateau (6 voxels) but drops the lone peak -> 1 component up to p99.5
+    grown = select_operating_percentile(healthy, lambda p: p / 100.0, grid, start_percentile=96.0,
+                                        min_component_ml=0.0, max_false_components=2.0, budget_confidence=0.0,
+                                        grow_threshold=0.5)
+    assert grown == (96.0, 2.0)
+    grown = select_operating_percentile(healthy, lambda p: p / 100.0, grid, start_percentile=96.0,
+                                        min_component_ml=0.016, max_false_components=0.0, budget_confidence=0.0,
+                                        grow_threshold=0.5)
+    assert grown == (99.5, 0.0)
+    # without growth the same minimum drops every single-voxel peak: budget 0 met at once
+    assert select_operating_percentile(healthy, lambda p: p / 100.0, grid, start_percentile=96.0,
+                                       min_component_ml=0.016, max_false_components=0.0,
+                                       budget_confidence=0.0) == (96.0, 0.0)
+
+
+def test_calibration_grow_percentile_round_trip_flag_and_legacy():
+    rng = np.random.default_rng(1)
+    maps = []
+    for _ in range(3):
+        heat = rng.random((24, 24, 24)).astype(np.float32)
+        maps.append((heat, np.ones(heat.shape, bool), 0.008))
+    cal = Calibration.from_healthy_maps(maps, start_percentile=99.0, min_component_ml=0.016,
+                                        max_false_components=1.0, grow_percentile=97.0, n_images=72)
+    assert cal.grow_percentile == 97.0 and cal.grow_threshold() == pytest.approx(cal.threshold(97.0))
+    pct = cal.operating_percentile
+    h, b, v = maps[0]
+    mask, thr = cal.flag(h, b, pct, voxel_ml=v)
+    want = threshold_mask(h, b, thr, 2, grow_threshold=cal.threshold(97.0))
+    assert np.array_equal(mask, want) and mask.sum() >= threshold_mask(h, b, thr, 2).sum()
+    # the reported rate is the grown masks' count
+    counts = [count_components(cal.flag(hh, bb, pct, voxel_ml=vv)[0]) for hh, bb, vv in maps]
+    assert np.mean(counts) == pytest.approx(cal.false_components_per_volume)
+    back = Calibration.from_dict(cal.to_dict())
+    assert back.grow_percentile == 97.0
+    assert np.array_equal(back.flag(h, b, pct, voxel_ml=v)[0], mask)
+    legacy = cal.to_dict()
+    del legacy["grow_percentile"]
+    assert Calibration.from_dict(legacy).grow_percentile is None
+    for wrong in (100.0, 0.0, "97"):
+        with pytest.raises(ValueError):
+            Calibration.from_dict({**cal.to_dict(), "grow_percentile": wrong})

@@ -79,6 +79,14 @@ def test_intensity_term_and_scan_normalise_flags_reach_the_training_settings(syn
     assert code == 1 and "stopped by the test" in capsys.readouterr().err
     assert seen["params"].intensity_term == "abs-position" and seen["params"].method == "dae"
     assert seen["params"].scan_normalise == "off"
+    assert seen["params"].grow_percentile == 99.5  # the dae default
+    code = main(["train", *map(str, synthetic_cohort["healthy"][:2]), "-o", str(tmp_path / "m.pt"), "--quiet",
+                 "--grow-percentile", "0", "--device", "cpu"])
+    assert code == 1 and seen["params"].grow_percentile == 0.0
+    capsys.readouterr()
+    code = main(["train", *map(str, synthetic_cohort["healthy"][:2]), "-o", str(tmp_path / "m.pt"), "--quiet",
+                 "--grow-percentile", "100", "--device", "cpu"])
+    assert code not in (0, None) and "grow_percentile" in capsys.readouterr().err
     try:  # a usage error: refused before anything runs
         code = main(["train", str(synthetic_cohort["healthy"][0]), "-o", str(tmp_path / "x.pt"),
                      "--intensity-term", "dark"])

@@ -159,7 +159,8 @@ def _train(args, output: Path, checkpoint: Path, volumes) -> int:
     from ..pipeline.training import TrainConfig, train_model
 
     overrides = {k: getattr(args, k) for k in ("beta", "lambda_h", "t", "p", "lambda_s", "warmup_epochs",
-                                               "intensity_term", "bias_augmentation", "scan_normalise")
+                                               "intensity_term", "bias_augmentation", "scan_normalise",
+                                               "grow_percentile")
                  if getattr(args, k) is not None}
     device_type = resolve_device(args.device).type
     init = None
@@ -197,8 +198,8 @@ def _train(args, output: Path, checkpoint: Path, volumes) -> int:
     cal = summary["calibration"]
     print(f"saved {output} (model {model.version}); calibrated on {cal['n_volumes']} healthy volume(s), "
           f"threshold {cal['threshold_at_default_percentile']:.6g} at healthy p{model.default_percentile:g} "
-          f"(minimum lesion {cal['min_component_ml']:g} mL; {cal['false_components_per_volume']:.2f} false "
-          f"component(s) per held-out healthy volume)")
+          f"(minimum lesion {cal['min_component_ml']:g} mL{_grow_note(cal.get('grow_percentile'))}; "
+          f"{cal['false_components_per_volume']:.2f} false component(s) per held-out healthy volume)")
     _warn_about_calibration(model.calibration)
     return 0
 
@@ -260,7 +261,8 @@ def cmd_calibrate(args) -> int:
     cal = model.calibration
     print(f"calibrated on {len(volumes)} healthy volume(s), {cal.n_pixels} brain pixels; "
           f"threshold: {before} -> {cal.threshold(pct):.6g} at healthy p{pct:g} (minimum lesion "
-          f"{cal.min_component_ml:g} mL, {cal.false_components_per_volume:.2f} false component(s) per "
+          f"{cal.min_component_ml:g} mL{_grow_note(cal.grow_percentile)}, "
+          f"{cal.false_components_per_volume:.2f} false component(s) per "
           f"healthy volume); saved {target}")
     _warn_about_calibration(cal)
     return 0
@@ -333,6 +335,11 @@ def _remove_if_empty(folder: Path) -> None:
         folder.rmdir()
 
 
+def _grow_note(grow_percentile) -> str:
+    """`, regions grown to healthy pX` for a calibration with hysteresis, else nothing."""
+    return "" if not grow_percentile else f", regions grown to healthy p{grow_percentile:g}"
+
+
 def cmd_info(args) -> int:
     _check_model_file(args.model)
     from ..model.bundle import load_model
@@ -399,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan-normalise", choices=SCAN_NORMALISATIONS, default=None,
                    help="standardise each scan's map by its own brain voxels' median and spread before "
                         "calibration and thresholding (default: the method's; off = as the paper)")
+    p.add_argument("--grow-percentile", type=float, default=None, metavar="P",
+                   help="mask hysteresis: regions flagged at the operating threshold extend to connected brain "
+                        "voxels above the healthy P-th percentile (0 = off, as the paper; default: the method's)")
     _device_arg(p)
     p.add_argument("--no-amp", action="store_true",
                    help="train in float32: no mixed precision (by default on CUDA, and bfloat16 + channels-last "

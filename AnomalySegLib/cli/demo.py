@@ -159,6 +159,7 @@ def run_demo(
     cal_volumes = [p for p in healthy if p.name in cal_names] or healthy[: max(1, len(healthy) // 4)]
     baseline = IntensityBaseline("bright", model.preprocessing, smoothing_mm=model.method.smoothing_mm,
                                  scan_normalise=model.method.scan_normalise,
+                                 grow_percentile=model.method.grow_percentile,
                                  min_component_ml=model.calibration.min_component_ml,
                                  max_false_components=model.calibration.max_false_components).fit(cal_volumes)
     intensity = evaluate_model(baseline, tests, labels, output_dir=out / "evaluation" / "intensity",

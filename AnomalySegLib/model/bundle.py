@@ -120,6 +120,9 @@ class AnomalyModel:
                 "max_false_components": self.calibration.max_false_components,
                 "false_components_per_volume": self.calibration.false_components_per_volume,
                 "budget_confidence": self.calibration.budget_confidence,
+                # hysteresis: flagged regions grow to this healthy percentile's threshold (None: off)
+                "grow_percentile": self.calibration.grow_percentile,
+                "grow_threshold": self.calibration.grow_threshold(),
             },
             "training": training,
             "parameters": {part: self.network.num_parameters(part) for part in ("all", "attention", "encoder", "decoder")},

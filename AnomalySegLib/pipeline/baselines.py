@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from .. import __version__
-from ..settings import SCAN_NORMALISATIONS
+from ..settings import SCAN_NORMALISATIONS, check_percentile
 from ..segmentation.calibration import Calibration, default_percentile, resolve_percentile
 from ..errors import InputError
 from ..io.geometry import voxel_volume_ml
@@ -58,7 +58,8 @@ class IntensityBaseline:
     def __init__(self, mode: str = "bright", preprocessing: Optional[PreprocessConfig] = None,
                  *, healthy_median: Optional[float] = None, calibration: Optional[Calibration] = None,
                  default_percentile: float = 98.0, smoothing_mm: float = 0.0, scan_normalise: str = "off",
-                 min_component_ml: Optional[float] = None, max_false_components: Optional[float] = None) -> None:
+                 min_component_ml: Optional[float] = None, max_false_components: Optional[float] = None,
+                 grow_percentile: float = 0.0) -> None:
         if mode not in INTENSITY_MODES:
             raise ValueError(f"unknown intensity mode {mode!r}; choose one of {', '.join(INTENSITY_MODES)}")
         if mode in ("dark", "abs") and calibration is not None and healthy_median is None:
@@ -74,6 +75,8 @@ class IntensityBaseline:
         if scan_normalise not in SCAN_NORMALISATIONS:
             raise ValueError(f"scan_normalise must be one of {', '.join(SCAN_NORMALISATIONS)}, got {scan_normalise!r}")
         self.scan_normalise = scan_normalise
+        #: hysteresis percentile of the mask (0 = off), as MethodParams.grow_percentile
+        self.grow_percentile = 0.0 if not grow_percentile else check_percentile(grow_percentile, "grow percentile")
         self.min_component_ml = DEFAULT_MIN_COMPONENT_ML if min_component_ml is None else float(min_component_ml)
         self.max_false_components = (DEFAULT_MAX_FALSE_COMPONENTS if max_false_components is None
                                      else float(max_false_components))
@@ -180,7 +183,7 @@ class IntensityBaseline:
         source = f"{len(names)} healthy volume(s): " + ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
         self.calibration = Calibration.from_healthy_maps(
             maps, start_percentile=self._default_percentile, min_component_ml=self.min_component_ml,
-            max_false_components=self.max_false_components,
+            max_false_components=self.max_false_components, grow_percentile=self.grow_percentile or None,
             n_images=int(sum(p.num_slices for p in prepared)), source=source)
         return self
 
@@ -203,6 +206,7 @@ class IntensityBaseline:
             "default_percentile": self._default_percentile,
             "smoothing_mm": self.smoothing_mm,
             "scan_normalise": self.scan_normalise,
+            "grow_percentile": self.grow_percentile,
             "min_component_ml": self.min_component_ml,
             "max_false_components": self.max_false_components,
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
@@ -223,6 +227,7 @@ class IntensityBaseline:
             default_percentile=float(data.get("default_percentile", 98.0)),
             smoothing_mm=float(data.get("smoothing_mm", 0.0)),
             scan_normalise=str(data.get("scan_normalise", "off")),
+            grow_percentile=float(data.get("grow_percentile", 0.0) or 0.0),
             min_component_ml=data.get("min_component_ml"),
             max_false_components=data.get("max_false_components"),
         )

@@ -58,7 +58,7 @@ def calibrate_prepared(
     return Calibration.from_healthy_maps(
         maps, start_percentile=model.method.default_percentile,
         min_component_ml=min_component_ml, max_false_components=max_false_components,
-        n_images=n_images, source=source)
+        grow_percentile=model.method.grow_percentile or None, n_images=n_images, source=source)
 
 
 def calibrate(

@@ -61,6 +61,10 @@ class Calibration:
     #: Confidence of the upper bound held to the budget (0 = the plain mean; None for
     #: files calibrated before the margin existed, which used the plain mean).
     budget_confidence: Optional[float] = None
+    #: Hysteresis: flagged regions extend to the connected brain voxels above this healthy
+    #: percentile's threshold (:func:`.postprocess.threshold_mask`); None = plain
+    #: thresholding (files calibrated before it existed).
+    grow_percentile: Optional[float] = None
 
     def __post_init__(self) -> None:
         # a table that is not finite and monotone gives NaN thresholds and empty masks:
@@ -73,6 +77,12 @@ class Calibration:
             raise ValueError("calibration table holds non-finite thresholds")
         if np.any(np.diff(self.percentiles) <= 0) or np.any(np.diff(self.values) < 0):
             raise ValueError("calibration table is not monotonic")
+        if self.grow_percentile is not None:
+            self.grow_percentile = check_percentile(self.grow_percentile, "calibration grow percentile")
+
+    def grow_threshold(self) -> Optional[float]:
+        """Score down to which flagged regions grow (None: no growth)."""
+        return None if self.grow_percentile is None else self.threshold(self.grow_percentile)
 
     def default_percentile(self, fallback: float) -> float:
         """The operating percentile when the calibration has one, else ``fallback``."""
@@ -94,7 +104,8 @@ class Calibration:
     def flag(self, heatmap: np.ndarray, brain_mask: np.ndarray, percentile: float,
              *, voxel_ml: Optional[float] = None) -> "tuple[np.ndarray, float]":
         """``(mask, threshold)``: brain voxels scoring above the percentile's threshold,
-        without components smaller than :attr:`min_component_ml`.
+        grown to :attr:`grow_percentile`'s threshold when it is lower (hysteresis), without
+        components smaller than :attr:`min_component_ml`.
 
         The one thresholding rule (:func:`.postprocess.threshold_mask`), shared by
         ``anomalyseg segment``, the baselines and the Slicer module's instant re-threshold.
@@ -107,7 +118,7 @@ class Calibration:
             if voxel_ml is None:
                 raise ValueError("this calibration drops small components: pass voxel_ml (one voxel's volume in mL)")
             min_voxels = min_component_voxels(self.min_component_ml, voxel_ml)
-        return threshold_mask(heatmap, brain_mask, threshold, min_voxels), threshold
+        return threshold_mask(heatmap, brain_mask, threshold, min_voxels, self.grow_threshold()), threshold
 
     def percentile_of(self, score: float) -> float:
         """Healthy percentile of ``score`` (inverse of :meth:`threshold`)."""
@@ -128,6 +139,7 @@ class Calibration:
             "max_false_components": self.max_false_components,
             "false_components_per_volume": self.false_components_per_volume,
             "budget_confidence": self.budget_confidence,
+            "grow_percentile": self.grow_percentile,
         }
 
     @classmethod
@@ -148,6 +160,9 @@ class Calibration:
             raise ValueError(f"calibration budget confidence {confidence!r} is not a number in [0, 1)")
         if operating is not None:
             check_percentile(operating, "calibration operating percentile")
+        grow = data.get("grow_percentile")
+        if grow is not None and not isinstance(grow, (int, float)):
+            raise ValueError(f"calibration grow percentile {grow!r} is not a number")
         if not (math.isfinite(min_ml) and min_ml >= 0.0):
             raise ValueError(f"calibration minimum component volume {min_ml} is not a number >= 0")
         if not np.all(np.isfinite(values)):
@@ -164,6 +179,7 @@ class Calibration:
             max_false_components=None if budget is None else float(budget),
             false_components_per_volume=None if measured is None else float(measured),
             budget_confidence=None if confidence is None else float(confidence),
+            grow_percentile=None if grow is None else float(grow),
         )
 
     @classmethod
@@ -188,6 +204,7 @@ class Calibration:
         min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
         max_false_components: float = DEFAULT_MAX_FALSE_COMPONENTS,
         budget_confidence: float = DEFAULT_BUDGET_CONFIDENCE,
+        grow_percentile: Optional[float] = None,
         n_images: int = 0,
         source: str = "",
     ) -> "Calibration":
@@ -197,17 +214,20 @@ class Calibration:
         built from the brain voxels' scores; the operating percentile is the lowest one
         >= ``start_percentile`` at which these volumes carry on average at most
         ``max_false_components`` components of >= ``min_component_ml``, with the margin of
-        a ``budget_confidence`` upper bound (:func:`.postprocess.select_operating_percentile`).
+        a ``budget_confidence`` upper bound (:func:`.postprocess.select_operating_percentile`),
+        components counted on masks grown to ``grow_percentile`` (hysteresis) when given.
         """
         if not maps:
             raise InputError("calibration needs at least one healthy volume")
         values = _subsample(np.concatenate([np.asarray(h)[np.asarray(b, dtype=bool)] for h, b, _ in maps]),
                             MAX_CALIBRATION_PIXELS)
         table = cls.from_scores(values, n_images=n_images, n_volumes=len(maps), source=source)
+        table.grow_percentile = None if grow_percentile is None else check_percentile(
+            grow_percentile, "grow percentile")
         pct, mean_false = select_operating_percentile(
             maps, table.threshold, table.percentiles, start_percentile=start_percentile,
             min_component_ml=min_component_ml, max_false_components=max_false_components,
-            budget_confidence=budget_confidence)
+            budget_confidence=budget_confidence, grow_threshold=table.grow_threshold())
         table.operating_percentile = pct
         table.min_component_ml = float(min_component_ml)
         table.max_false_components = float(max_false_components)

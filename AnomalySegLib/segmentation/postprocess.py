@@ -5,6 +5,13 @@ Torch-free (the Slicer GUI process re-thresholds with it). A mask is::
     brain & (heatmap > threshold), minus 26-connected components smaller than
     ``min_component_ml`` millilitres
 
+optionally with *hysteresis* (``grow_threshold`` below ``threshold``): every 26-connected
+component of ``brain & (heatmap > grow_threshold)`` that holds at least one voxel above
+``threshold`` is kept whole. The strict threshold decides *where* something is flagged (so
+it still controls the false components), the lower one how far a flagged region extends:
+a strict healthy threshold alone keeps only a lesion's core. Both thresholds are healthy
+percentiles; the grown mask is what the operating point's false components are counted on.
+
 The *operating point* is chosen on held-out **healthy** volumes only, never on lesions:
 starting from the method's default healthy percentile, the threshold is raised (to a
 higher healthy percentile) until those volumes carry on average at most
@@ -42,6 +49,7 @@ __all__ = [
     "remove_small_components",
     "count_components",
     "threshold_mask",
+    "grow_into",
     "DEFAULT_BUDGET_CONFIDENCE",
     "false_rate_upper_bound",
     "meets_false_component_budget",
@@ -203,13 +211,35 @@ def count_components(mask: np.ndarray, min_voxels: int = 1) -> int:
     return int((sizes[1:] >= max(1, min_voxels)).sum())
 
 
-def threshold_mask(heatmap: np.ndarray, brain_mask: np.ndarray, threshold: float, min_voxels: int = 1) -> np.ndarray:
-    """The one thresholding rule: brain voxels scoring above ``threshold``, small components removed."""
+def grow_into(seeds: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """The 26-connected components of ``region`` that contain a voxel of ``seeds``
+    (seeds outside ``region`` are ignored)."""
+    region = np.asarray(region, dtype=bool)
+    seeds = np.asarray(seeds, dtype=bool) & region
+    out = np.zeros_like(region)
+    if not seeds.any():
+        return out
+    box, labels, sizes = _labels(region)
+    keep = np.zeros(len(sizes), dtype=bool)
+    keep[np.unique(labels[seeds[box]])] = True
+    keep[0] = False
+    out[box] = keep[labels]
+    return out
+
+
+def threshold_mask(heatmap: np.ndarray, brain_mask: np.ndarray, threshold: float, min_voxels: int = 1,
+                   grow_threshold: Optional[float] = None) -> np.ndarray:
+    """The one thresholding rule: brain voxels scoring above ``threshold`` -- grown, when
+    ``grow_threshold`` is below it, to the whole connected regions above ``grow_threshold``
+    (hysteresis) -- with components of fewer than ``min_voxels`` voxels removed."""
     heatmap = np.asarray(heatmap)
     brain_mask = np.asarray(brain_mask, dtype=bool)
     if heatmap.shape != brain_mask.shape:
         raise ValueError(f"heatmap {heatmap.shape} and brain mask {brain_mask.shape} differ in shape")
-    return remove_small_components((heatmap > threshold) & brain_mask, min_voxels)
+    mask = (heatmap > threshold) & brain_mask
+    if grow_threshold is not None and grow_threshold < threshold:
+        mask = grow_into(mask, (heatmap > grow_threshold) & brain_mask)
+    return remove_small_components(mask, min_voxels)
 
 
 def false_rate_upper_bound(total: int, n_volumes: int, confidence: float) -> float:
@@ -251,6 +281,7 @@ def select_operating_percentile(
     min_component_ml: float = DEFAULT_MIN_COMPONENT_ML,
     max_false_components: float = DEFAULT_MAX_FALSE_COMPONENTS,
     budget_confidence: float = DEFAULT_BUDGET_CONFIDENCE,
+    grow_threshold: Optional[float] = None,
 ) -> Tuple[float, float]:
     """Lowest healthy percentile >= ``start_percentile`` meeting the false-component budget.
 
@@ -259,8 +290,11 @@ def select_operating_percentile(
     ``percentiles`` are the candidate percentiles (the table's). A candidate meets the
     budget when :func:`false_rate_upper_bound` of its components on these volumes, at
     ``budget_confidence``, is <= ``max_false_components``, or when they carry none.
+    Components are counted on the masks :func:`threshold_mask` makes, grown to
+    ``grow_threshold`` when one is given.
     Returns ``(percentile, mean false components per healthy volume at it)``. The count falls as the threshold rises
-    (up to rare splits of one component into two), so the candidates are bisected; if
+    (up to rare splits of one component into two; never with growth, whose components are
+    fixed by ``grow_threshold`` and only drop out), so the candidates are bisected; if
     even the highest candidate exceeds the budget, it is returned with its count
     (callers report it: the budget is then not met).
     """
@@ -278,7 +312,7 @@ def select_operating_percentile(
     def total_false(index: int) -> int:
         if index not in cache:
             thr = threshold_at(cands[index])
-            cache[index] = sum(count_components((h > thr) & np.asarray(b, dtype=bool), n)
+            cache[index] = sum(count_components(threshold_mask(h, b, thr, grow_threshold=grow_threshold), n)
                                for (h, b, _), n in zip(healthy, min_voxels))
         return cache[index]
 
