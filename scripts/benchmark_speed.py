@@ -25,8 +25,6 @@ loaded machine):
   (default: the CPU profile, 96 px, width 16, batch 32): the dae U-Net NCHW vs channels-last,
   and AMCons ours vs the authors' network and loss; with ``--compile-train`` also the
   ``torch.compile``'d steps (amcons, dae) and their one-off compilation seconds.
-* ``decoder_ab``: the amcons training step with the decoder as it is (phase convolutions at
-  the input resolution) vs computed upsample-first, only these two interleaved.
 * ``stages``: one 1 mm 256 x 256 x 176 volume end to end (read, preprocess, network, map
   back, threshold + lesions, write), seconds per stage, ``--e2e-method`` (amcons).
 
@@ -55,7 +53,7 @@ from typing import Optional, Sequence
 
 
 METHODS = ("amcons", "gradcamcons", "vae")
-MEASUREMENTS = ("train", "score_volume", "network", "compare", "train_compare", "stages", "decoder_ab")
+MEASUREMENTS = ("train", "score_volume", "network", "compare", "train_compare", "stages")
 
 
 def _status_mb(key: str) -> Optional[float]:
@@ -209,8 +207,6 @@ def measure(kind: str, method: Optional[str], cfg: dict) -> dict:
         result.update(measure_compare(cfg))
     elif kind == "train_compare":
         result.update(measure_train_compare(cfg))
-    elif kind == "decoder_ab":
-        result.update(measure_decoder_ab(cfg))
     elif kind == "stages":
         result.update(measure_stages(cfg))
     else:
@@ -340,69 +336,6 @@ def measure_compare(cfg: dict) -> dict:
     return out
 
 
-def _upsample_first_decoder(net):
-    """``net`` with every decoder ``UpBlock`` computed as before stop 17: nearest x2 upsampling
-    of the input, then the residual block (same parameters and values; per-instance override)."""
-    import types
-
-    import torch.nn.functional as F
-
-    from AnomalySegLib.nn.networks import UpBlock
-
-    def upsample_then_block(self, x):
-        return self.block(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-    for module in net.modules():
-        if isinstance(module, UpBlock):
-            module.forward = types.MethodType(upsample_then_block, module)
-    return net
-
-
-def measure_decoder_ab(cfg: dict) -> dict:
-    """The amcons training step (the Trainer's precision and layout) with the phase-convolution
-    decoder vs the same network computed upsample-first, the only two networks interleaved in
-    this process (as a training run sees one network: ``train_compare`` interleaves eight)."""
-    import torch
-
-    from AnomalySegLib.nn.device import resolve_device, training_autocast
-    from AnomalySegLib.nn.methods import MethodParams, training_loss
-    from AnomalySegLib.nn.networks import VAEConfig, build_network
-    from AnomalySegLib.nn.speed import mixed_precision_training
-
-    device = resolve_device(cfg["device"])
-    size, width, batch = cfg["train_size"], cfg["train_width"], cfg["batch_size"]
-    x, m = _slice_batch(cfg, size, batch)
-    if len(x) < batch:
-        reps = -(-batch // len(x))
-        x, m = x.repeat(reps, 1, 1, 1)[:batch], m.repeat(reps, 1, 1)[:batch]
-    x, m = x.to(device).contiguous(memory_format=torch.channels_last), m.to(device)
-    mixed = mixed_precision_training(device)
-    params = MethodParams.defaults("amcons")
-    steps = {}
-    for name in ("phase_conv", "upsample_first"):
-        torch.manual_seed(0)
-        net = build_network(VAEConfig(image_size=size, base_width=width, latent_dim=cfg["latent_dim"]))
-        if name == "upsample_first":
-            net = _upsample_first_decoder(net)
-        net = net.to(device).to(memory_format=torch.channels_last).train()
-        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-
-        def step(net=net, opt=opt):
-            torch.manual_seed(1)
-            with training_autocast(device, mixed):
-                loss, _ = training_loss(net, x, m, params, epoch=1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        steps[name] = step
-    seconds = interleaved_medians(steps, cfg["train_repeats"], device)
-    ips = {k: batch / v for k, v in seconds.items()}
-    return {"kind": "decoder_ab", "method": "amcons", "device": str(device), "image_size": size, "width": width,
-            "batch_size": batch, "mixed_precision": mixed, "images_per_second": ips,
-            "phase_conv_vs_upsample_first": ips["phase_conv"] / ips["upsample_first"]}
-
-
 def measure_train_compare(cfg: dict) -> dict:
     """Training steps, interleaved in this process: the dae U-Net before (NCHW) / after
     (channels-last, as ``Trainer`` now builds it), and AMCons ours vs the authors' network
@@ -472,13 +405,6 @@ def measure_train_compare(cfg: dict) -> dict:
         add("dae_mixed", "unet", device.type == "cpu", lambda n, a, b: training_loss(n, a, b, dae, epoch=0), amp=True)
         add("amcons_ours_mixed", "vae", device.type == "cpu", lambda n, a, b: training_loss(n, a, b, amc, epoch=1),
             amp=True)
-    # the same step with the decoder stages written as "upsample, then the block" (before stop 17),
-    # so the phase-convolution decoder's gain is a ratio measured in this run
-    torch.manual_seed(0)
-    upsample_first = _upsample_first_decoder(
-        build_network(VAEConfig(image_size=size, base_width=width, latent_dim=cfg["latent_dim"])))
-    add("amcons_ours_upsample_first", "vae", True, lambda n, a, b: training_loss(n, a, b, amc, epoch=1),
-        net=upsample_first, amp=mixed)
     if cfg.get("compile_train") and hasattr(torch, "compile"):
         for name, arch, params in (("amcons_ours_compiled", "vae", amc), ("dae_compiled", "unet", dae)):
             try:
@@ -503,8 +429,6 @@ def measure_train_compare(cfg: dict) -> dict:
                        **({"dae_mixed_vs_float32_nchw": ips["dae_mixed"] / ips["dae_before_nchw"],
                            "amcons_ours_mixed_vs_reference": ips["amcons_ours_mixed"] / ips["amcons_reference"]}
                           if mixed else {})},
-            "decoder_phase_conv_vs_upsample_first": ips["amcons_ours_mixed" if mixed else "amcons_ours"]
-            / ips["amcons_ours_upsample_first"],
             "compile_seconds": compile_seconds,
             "compiled_ratios": {label: ips[k] / ips[base] for label, k, base in (
                 ("amcons_compiled_vs_reference", "amcons_ours_compiled", "amcons_reference"),
@@ -642,23 +566,12 @@ def compare_markdown(report: dict) -> list:
                               f"on a CPU with native bf16): dae {r['ratios']['dae_mixed_vs_float32_nchw']:.2f}x its "
                               f"float32 NCHW step; amcons ours / authors': "
                               f"**{r['ratios']['amcons_ours_mixed_vs_reference']:.2f}x**."]
-            if "decoder_phase_conv_vs_upsample_first" in r:
-                lines += ["", "Decoder stages as one phase convolution at the input resolution (stop 17) vs "
-                              "upsample-then-block, same amcons step and precision: "
-                              f"**{r['decoder_phase_conv_vs_upsample_first']:.2f}x**."]
             if r.get("compile_seconds"):
                 comp = r.get("compiled_ratios", {})
                 lines += ["", "torch.compile'd steps (`train --compile`), steady state after a one-off compilation of "
                           + ", ".join(f"{k}: {v:.0f} s" if isinstance(v, float) else f"{k}: {v}"
                                       for k, v in r["compile_seconds"].items()) + "; "
                           + ", ".join(f"{k.replace('_', ' ')} **{v:.2f}x**" for k, v in comp.items()) + "."]
-        elif r.get("kind") == "decoder_ab" and "images_per_second" in r:
-            ips = r["images_per_second"]
-            lines += ["", f"Decoder A/B, amcons training step, {r['image_size']} px, width {r['width']}, batch "
-                          f"{r['batch_size']}, {'mixed precision' if r['mixed_precision'] else 'float32'}, the two "
-                          f"networks interleaved alone: phase convolution {ips['phase_conv']:.1f} images/s, "
-                          f"upsample first {ips['upsample_first']:.1f} images/s: "
-                          f"**{r['phase_conv_vs_upsample_first']:.2f}x**."]
         elif r.get("kind") == "stages" and "seconds" in r:
             sec = r["seconds"]
             lines += ["", f"End to end, {r['method']}, one {'x'.join(map(str, r['volume_shape']))} 1 mm volume "

@@ -146,43 +146,10 @@ class BasicBlock(nn.Module):
         return F.relu(y + self.shortcut(x))
 
 
-def _phase_rows(w: Tensor, phase: int) -> Tensor:
-    """Rows (dim -2) of 3x3 kernels ``w`` as seen from output row parity ``phase`` of a x2
-    nearest upsampling: row offsets -1, 0, +1 of the upsampled image fall on input rows
-    (-1, 0, 0) for even output rows and (0, 0, +1) for odd ones."""
-    zero = torch.zeros_like(w[..., :1, :])
-    if phase == 0:
-        return torch.cat([w[..., 0:1, :], w[..., 1:2, :] + w[..., 2:3, :], zero], dim=-2)
-    return torch.cat([zero, w[..., 0:1, :] + w[..., 1:2, :], w[..., 2:3, :]], dim=-2)
-
-
-def upsampled_conv3x3_weight(weight: Tensor) -> Tensor:
-    """Weights ``[4 * cout, cin, 3, 3]`` such that ``pixel_shuffle(conv2d(x, w4, padding=1), 2)``
-    equals ``conv2d(upsample_nearest_x2(x), weight, padding=1)`` for a ``[cout, cin, 3, 3]``
-    ``weight``: output channel ``4c + 2a + b`` holds output phase (row parity a, column parity
-    b) of channel c. Elementwise sums of the weights (no matmul), so they stay float32 under
-    autocast."""
-    phases = []
-    for a in (0, 1):
-        rows = _phase_rows(weight, a)
-        for b in (0, 1):
-            phases.append(_phase_rows(rows.transpose(-1, -2), b).transpose(-1, -2))
-    return torch.stack(phases, dim=1).reshape(weight.shape[0] * 4, *weight.shape[1:])
-
-
 class UpBlock(nn.Module):
     """Decoder stage: x2 nearest upsampling followed by a residual block.
 
     The skip path gets a 1x1 convolution (+BN) when the channel count changes.
-
-    Computed without building the upsampled input (the same function, ~30 % faster to train
-    at the last, largest stage): the block's first 3x3 convolution of the upsampled image is
-    one convolution of the input with four phase kernels (:func:`upsampled_conv3x3_weight`)
-    followed by ``pixel_shuffle``, and the shortcut (identity, or 1x1 convolution + BatchNorm)
-    runs before the upsampling, which it commutes with (nearest upsampling repeats every pixel
-    four times, so BatchNorm's batch mean and variance are unchanged; only the running
-    variance's n/(n-1) correction differs, by a relative 1e-5 at the smallest stage).
-    Parameters and their names are those of ``BasicBlock(cin, cout)``.
     """
 
     def __init__(self, cin: int, cout: int) -> None:
@@ -190,12 +157,7 @@ class UpBlock(nn.Module):
         self.block = BasicBlock(cin, cout, stride=1)
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        b = self.block
-        conv1 = b.conv1
-        bias = None if conv1.bias is None else conv1.bias.repeat_interleave(4)  # a folded BatchNorm's
-        y = F.pixel_shuffle(F.conv2d(x, upsampled_conv3x3_weight(conv1.weight), bias, padding=1), 2)
-        y = b.bn2(b.conv2(F.relu(b.bn1(y))))
-        return F.relu(y + F.interpolate(b.shortcut(x), scale_factor=2.0, mode="nearest"))
+        return self.block(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class ConvVAE(nn.Module):
