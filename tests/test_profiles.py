@@ -79,10 +79,10 @@ def test_intensity_term_and_scan_normalise_flags_reach_the_training_settings(syn
     assert code == 1 and "stopped by the test" in capsys.readouterr().err
     assert seen["params"].intensity_term == "abs-position" and seen["params"].method == "dae"
     assert seen["params"].scan_normalise == "off"
-    assert seen["params"].grow_percentile == 99.5  # the dae default
+    assert seen["params"].grow_percentile == 0.0  # the dae default: off
     code = main(["train", *map(str, synthetic_cohort["healthy"][:2]), "-o", str(tmp_path / "m.pt"), "--quiet",
-                 "--grow-percentile", "0", "--device", "cpu"])
-    assert code == 1 and seen["params"].grow_percentile == 0.0
+                 "--grow-percentile", "99.5", "--device", "cpu"])
+    assert code == 1 and seen["params"].grow_percentile == 99.5
     capsys.readouterr()
     code = main(["train", *map(str, synthetic_cohort["healthy"][:2]), "-o", str(tmp_path / "m.pt"), "--quiet",
                  "--grow-percentile", "100", "--device", "cpu"])
