@@ -418,3 +418,50 @@ def test_calibration_grow_percentile_round_trip_flag_and_legacy():
     for wrong in (100.0, 0.0, "97"):
         with pytest.raises(ValueError):
             Calibration.from_dict({**cal.to_dict(), "grow_percentile": wrong})
+
+
+def test_growth_stops_at_half_of_each_regions_own_peak():
+    # two runs above the growth threshold 1.0, each with a seed above 3.0: a bright one (peak 10)
+    # and a faint one (peak 3.2). Half the bright peak is 5: its halo (2, 2.5) stays out; half the
+    # faint peak is 1.6, above 1.0: the faint run keeps its voxels above 1.6.
+    assert postprocess.GROW_PEAK_FRACTION == 0.5
+    heat = np.zeros((1, 1, 16), np.float32)
+    heat[0, 0, 0:6] = [2.0, 2.5, 10.0, 6.0, 2.5, 2.0]
+    heat[0, 0, 8:14] = [1.2, 1.8, 3.2, 2.5, 1.7, 1.1]
+    brain = np.ones(heat.shape, bool)
+    got = np.flatnonzero(threshold_mask(heat, brain, 3.0, grow_threshold=1.0)[0, 0]).tolist()
+    assert got == [2, 3] + [9, 10, 11, 12]
+    # a region whose half-peak (1.75) lies below the growth threshold (2.0) grows to the growth threshold
+    heat2 = np.zeros((1, 1, 8), np.float32)
+    heat2[0, 0, 1:6] = [1.9, 2.5, 3.5, 2.1, 1.1]
+    assert np.flatnonzero(threshold_mask(heat2, np.ones(heat2.shape, bool), 3.0, grow_threshold=2.0)[0, 0]).tolist() \
+        == [2, 3, 4]
+    # a voxel above half the peak but cut off from the seed by the floor is not kept
+    heat3 = np.zeros((1, 1, 8), np.float32)
+    heat3[0, 0, 0:6] = [8.0, 4.0, 2.0, 4.5, 1.5, 0.0]
+    assert np.flatnonzero(threshold_mask(heat3, np.ones(heat3.shape, bool), 6.0, grow_threshold=1.0)[0, 0]).tolist() \
+        == [0]
+
+
+def test_grown_mask_always_holds_every_voxel_above_the_threshold():
+    # one region above the growth threshold with peak 10 (floor 5) and a second seed 3.5 that is
+    # below the floor: it stays flagged (the grown mask contains the plain one)
+    heat = np.zeros((1, 1, 10), np.float32)
+    heat[0, 0, 0:7] = [10.0, 6.0, 2.0, 2.0, 3.5, 2.0, 0.0]
+    brain = np.ones(heat.shape, bool)
+    plain = threshold_mask(heat, brain, 3.0)
+    grown = threshold_mask(heat, brain, 3.0, grow_threshold=1.0)
+    assert np.flatnonzero(grown[0, 0]).tolist() == [0, 1, 4]
+    assert not (plain & ~grown).any()
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        h = ndimage_smooth(rng.random((12, 12, 12)))
+        t, g = np.percentile(h, 97), np.percentile(h, 80)
+        assert not (threshold_mask(h, np.ones(h.shape, bool), t) & ~threshold_mask(h, np.ones(h.shape, bool), t,
+                                                                                     grow_threshold=g)).any()
+
+
+def ndimage_smooth(x):
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(x, 1.0)
