@@ -7,9 +7,7 @@ Torch-free (the Slicer GUI process re-thresholds with it). A mask is::
 
 optionally with *hysteresis* (``grow_threshold`` below ``threshold``): every 26-connected
 component of ``brain & (heatmap > grow_threshold)`` that holds at least one voxel above
-``threshold`` is kept, down to the higher of ``grow_threshold`` and half the component's own
-peak (:data:`GROW_PEAK_FRACTION`; the part connected to the flagged voxels, which always stay).
-The strict threshold decides *where* something is flagged (so
+``threshold`` is kept whole. The strict threshold decides *where* something is flagged (so
 it still controls the false components), the lower one how far a flagged region extends:
 a strict healthy threshold alone keeps only a lesion's core. Both thresholds are healthy
 percentiles; the grown mask is what the operating point's false components are counted on.
@@ -67,10 +65,6 @@ DEFAULT_MAX_FALSE_COMPONENTS = 1.0
 #: Confidence with which the operating point keeps the budget on new healthy scans
 #: (one-sided Poisson upper bound of the calibration volumes' false-component rate).
 DEFAULT_BUDGET_CONFIDENCE = 0.9
-
-#: Mask growth stops at this fraction of each grown region's own peak score, or at the growth
-#: threshold, whichever is higher (a half-maximum delineation; see :func:`threshold_mask`).
-GROW_PEAK_FRACTION = 0.5
 
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity, like lesions.find_lesions
 
@@ -236,26 +230,15 @@ def grow_into(seeds: np.ndarray, region: np.ndarray) -> np.ndarray:
 def threshold_mask(heatmap: np.ndarray, brain_mask: np.ndarray, threshold: float, min_voxels: int = 1,
                    grow_threshold: Optional[float] = None) -> np.ndarray:
     """The one thresholding rule: brain voxels scoring above ``threshold`` -- grown, when
-    ``grow_threshold`` is below it, into the connected voxels above both ``grow_threshold`` and
-    :data:`GROW_PEAK_FRACTION` of their region's peak (hysteresis) -- with components of fewer
-    than ``min_voxels`` voxels removed."""
+    ``grow_threshold`` is below it, to the whole connected regions above ``grow_threshold``
+    (hysteresis) -- with components of fewer than ``min_voxels`` voxels removed."""
     heatmap = np.asarray(heatmap)
     brain_mask = np.asarray(brain_mask, dtype=bool)
     if heatmap.shape != brain_mask.shape:
         raise ValueError(f"heatmap {heatmap.shape} and brain mask {brain_mask.shape} differ in shape")
     mask = (heatmap > threshold) & brain_mask
     if grow_threshold is not None and grow_threshold < threshold:
-        grown = grow_into(mask, (heatmap > grow_threshold) & brain_mask)
-        if GROW_PEAK_FRACTION > 0 and grown.any():
-            # not below a fixed fraction of each region's own peak: a bright lesion's smoothed
-            # halo stays out, a faint region still grows to the healthy percentile
-            box, labels, sizes = _labels(grown)
-            peaks = ndimage.maximum(heatmap[box], labels, np.arange(len(sizes)))
-            floor = np.maximum(float(grow_threshold), GROW_PEAK_FRACTION * np.asarray(peaks, dtype=np.float64))
-            limited = np.zeros_like(grown)
-            limited[box] = (labels > 0) & (heatmap[box] > floor[labels])
-            grown = grow_into(mask, limited | mask)  # every voxel above the threshold stays flagged
-        mask = grown
+        mask = grow_into(mask, (heatmap > grow_threshold) & brain_mask)
     return remove_small_components(mask, min_voxels)
 
 
@@ -310,7 +293,8 @@ def select_operating_percentile(
     Components are counted on the masks :func:`threshold_mask` makes, grown to
     ``grow_threshold`` when one is given.
     Returns ``(percentile, mean false components per healthy volume at it)``. The count falls as the threshold rises
-    (up to rare splits of one component into two), so the candidates are bisected; if
+    (up to rare splits of one component into two; never with growth, whose components are
+    fixed by ``grow_threshold`` and only drop out), so the candidates are bisected; if
     even the highest candidate exceeds the budget, it is returned with its count
     (callers report it: the budget is then not met).
     """
