@@ -418,3 +418,16 @@ def test_calibration_grow_percentile_round_trip_flag_and_legacy():
     for wrong in (100.0, 0.0, "97"):
         with pytest.raises(ValueError):
             Calibration.from_dict({**cal.to_dict(), "grow_percentile": wrong})
+
+
+def test_grown_mask_contains_the_plain_mask():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        h = ndimage.gaussian_filter(rng.random((12, 12, 12)), 1.0)
+        brain = rng.random(h.shape) > 0.1
+        t, g = np.percentile(h, 97), np.percentile(h, 80)
+        plain, grown = threshold_mask(h, brain, t), threshold_mask(h, brain, t, grow_threshold=g)
+        assert plain.any() and not (plain & ~grown).any() and grown.sum() > plain.sum()
+        assert not (grown & ~brain).any() and (h[grown] > g).all()
