@@ -171,12 +171,18 @@ def test_smooth_in_mask_keeps_constants_at_the_boundary():
     np.testing.assert_array_equal(smooth_in_mask(heat, brain, 0.0, (1, 1, 1)), heat)
 
 
-def test_calibration_operating_point_round_trip_and_flag():
-    rng = np.random.default_rng(0)
+def _random_healthy_maps(seed: int, side: int, n: int = 3) -> list:
+    """``n`` uniform-noise "healthy" maps ``(heatmap, whole-volume brain, 2 mm voxel mL)``."""
+    rng = np.random.default_rng(seed)
     maps = []
-    for _ in range(3):
-        heat = rng.random((30, 30, 30)).astype(np.float32)
+    for _ in range(n):
+        heat = rng.random((side, side, side)).astype(np.float32)
         maps.append((heat, np.ones(heat.shape, bool), 0.008))
+    return maps
+
+
+def test_calibration_operating_point_round_trip_and_flag():
+    maps = _random_healthy_maps(0, 30)
     cal = Calibration.from_healthy_maps(maps, start_percentile=98.0, min_component_ml=0.016,
                                         max_false_components=1.0, n_images=90)
     assert cal.operating_percentile is not None and cal.operating_percentile >= 98.0
@@ -393,11 +399,7 @@ def test_operating_point_counts_false_components_on_grown_masks():
 
 
 def test_calibration_grow_percentile_round_trip_flag_and_legacy():
-    rng = np.random.default_rng(1)
-    maps = []
-    for _ in range(3):
-        heat = rng.random((24, 24, 24)).astype(np.float32)
-        maps.append((heat, np.ones(heat.shape, bool), 0.008))
+    maps = _random_healthy_maps(1, 24)
     cal = Calibration.from_healthy_maps(maps, start_percentile=99.0, min_component_ml=0.016,
                                         max_false_components=1.0, grow_percentile=97.0, n_images=72)
     assert cal.grow_percentile == 97.0 and cal.grow_threshold() == pytest.approx(cal.threshold(97.0))

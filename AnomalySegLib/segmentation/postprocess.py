@@ -227,11 +227,9 @@ def grow_into(seeds: np.ndarray, region: np.ndarray) -> np.ndarray:
     return out
 
 
-def threshold_mask(heatmap: np.ndarray, brain_mask: np.ndarray, threshold: float, min_voxels: int = 1,
-                   grow_threshold: Optional[float] = None) -> np.ndarray:
-    """The one thresholding rule: brain voxels scoring above ``threshold`` -- grown, when
-    ``grow_threshold`` is below it, to the whole connected regions above ``grow_threshold``
-    (hysteresis) -- with components of fewer than ``min_voxels`` voxels removed."""
+def _flagged(heatmap: np.ndarray, brain_mask: np.ndarray, threshold: float,
+             grow_threshold: Optional[float]) -> np.ndarray:
+    """Brain voxels above ``threshold``, grown to ``grow_threshold`` when it is lower (no size filter)."""
     heatmap = np.asarray(heatmap)
     brain_mask = np.asarray(brain_mask, dtype=bool)
     if heatmap.shape != brain_mask.shape:
@@ -239,7 +237,15 @@ def threshold_mask(heatmap: np.ndarray, brain_mask: np.ndarray, threshold: float
     mask = (heatmap > threshold) & brain_mask
     if grow_threshold is not None and grow_threshold < threshold:
         mask = grow_into(mask, (heatmap > grow_threshold) & brain_mask)
-    return remove_small_components(mask, min_voxels)
+    return mask
+
+
+def threshold_mask(heatmap: np.ndarray, brain_mask: np.ndarray, threshold: float, min_voxels: int = 1,
+                   grow_threshold: Optional[float] = None) -> np.ndarray:
+    """The one thresholding rule: brain voxels scoring above ``threshold`` -- grown, when
+    ``grow_threshold`` is below it, to the whole connected regions above ``grow_threshold``
+    (hysteresis) -- with components of fewer than ``min_voxels`` voxels removed."""
+    return remove_small_components(_flagged(heatmap, brain_mask, threshold, grow_threshold), min_voxels)
 
 
 def false_rate_upper_bound(total: int, n_volumes: int, confidence: float) -> float:
@@ -312,7 +318,8 @@ def select_operating_percentile(
     def total_false(index: int) -> int:
         if index not in cache:
             thr = threshold_at(cands[index])
-            cache[index] = sum(count_components(threshold_mask(h, b, thr, grow_threshold=grow_threshold), n)
+            # the size rule is the count's own min_voxels: no filtered copy of each mask
+            cache[index] = sum(count_components(_flagged(h, b, thr, grow_threshold), n)
                                for (h, b, _), n in zip(healthy, min_voxels))
         return cache[index]
 
