@@ -215,7 +215,7 @@ if SLICER_APP:
         modelPath: str = ""
         device: Device = Device.AUTO
         brainExtraction: BrainExtraction = BrainExtraction.AUTO
-        percentile: Annotated[float, WithinRange(80.0, 99.99)] = 98.0
+        percentile: Annotated[float, WithinRange(80.0, 99.999)] = 98.0
         anomalyMap: vtkMRMLScalarVolumeNode
         anomalySegmentation: vtkMRMLSegmentationNode
         healthyFolder: pathlib.Path
@@ -849,7 +849,7 @@ def formatInputCheck(record: dict) -> str:
 
 
 #: Range of the sensitivity slider; the parameter node's WithinRange says the same (checked by the tests).
-PERCENTILE_SLIDER_RANGE = (80.0, 99.99)
+PERCENTILE_SLIDER_RANGE = (80.0, 99.999)
 
 
 def sliderPercentile(percentile: float) -> float:

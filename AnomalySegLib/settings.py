@@ -46,6 +46,11 @@ INTENSITY_TERMS = ("bright-position", "abs-position", "bright-global", "abs-glob
 SCAN_NORMALISATIONS = ("off", "interdecile", "upper", "terms-interdecile", "terms-upper")
 
 
+#: Learning-rate schedules of training (``TrainConfig.lr_schedule``): the paper's constant
+#: Adam rate, or a cosine decay to 0 over the run.
+LR_SCHEDULES = ("constant", "cosine")
+
+
 def check_percentile(value: Any, name: str = "percentile") -> float:
     """The one rule for a healthy percentile: a number strictly between 0 and 100.
 

@@ -90,10 +90,13 @@ def test_lesions_score_higher_and_mask_respects_threshold(obvious, trained_model
         # lesion voxels are flagged far more often than healthy ones (healthy rate ~2 % by calibration)
         flagged_core.append(mask[core].mean())
         flagged_far.append(mask[far].mean())
-    # measured: AUROC 0.96-0.98, core 0.97-0.99, 80-95 % of the core and 2-4 % of far tissue flagged
+    # measured: AUROC 0.96-0.98, core 0.97-0.99; 59-91 % of the core and 0.2-0.4 % of far tissue
+    # flagged since the calibration table reaches p99.999 (before: 80-95 % and 2-4 % at a lower
+    # operating point, when the table stopped at p99.99)
     assert np.mean(full) > 0.94 and min(full) > 0.9, full
     assert np.mean(core_vs_far) > 0.95, core_vs_far
-    assert min(flagged_core) > 0.6 and max(flagged_far) < 0.08, (flagged_core, flagged_far)
+    assert min(flagged_core) > 0.5 and np.mean(flagged_core) > 0.65 and max(flagged_far) < 0.08, \
+        (flagged_core, flagged_far)
 
     # a stricter percentile flags a subset
     case, path = obvious[0]

@@ -94,3 +94,30 @@ def test_intensity_term_and_scan_normalise_flags_reach_the_training_settings(syn
         code = exc.code
     assert code not in (0, None) and "--intensity-term" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_float32_cpu_training_says_how_to_halve_it_and_lr_schedule_reaches_the_config(synthetic_cohort, tmp_path,
+                                                                                     capsys, monkeypatch):
+    import AnomalySegLib.pipeline.training as training
+    from AnomalySegLib.errors import AnomalySegError
+
+    seen = {}
+
+    def fake_train_model(healthy, config, **kwargs):
+        seen["config"] = config
+        raise AnomalySegError("stopped by the test")
+
+    monkeypatch.setattr(training, "train_model", fake_train_model)
+    healthy = [str(p) for p in synthetic_cohort["healthy"][:2]]
+    # --no-amp: float32 on any CPU; the profile's epochs were not chosen by the user
+    assert main(["train", *healthy, "-o", str(tmp_path / "m.pt"), "--no-amp", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert seen["config"].epochs == PROFILES["fast"]["epochs"] == 16
+    assert "float32" in err and f"--epochs {PROFILES['fast']['epochs'] // 2} halves" in err
+    assert seen["config"].lr_schedule == "constant"  # the profile's (measured: cosine was not better)
+    # explicit epochs: the user chose; no note. --lr-schedule reaches the config
+    assert main(["train", *healthy, "-o", str(tmp_path / "m.pt"), "--no-amp", "--device", "cpu", "--epochs", "3",
+                 "--lr-schedule", "cosine"]) == 1
+    err = capsys.readouterr().err
+    assert "halves" not in err and seen["config"].epochs == 3 and seen["config"].lr_schedule == "cosine"
+    assert "lr 0.001 cosine" in err

@@ -14,6 +14,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,10 +114,18 @@ def test_percentile_slider_range_matches_the_parameter(ui, tree):
     cls = _class(tree, "AnomalySegParameterNode")
     (stmt,) = [s for s in cls.body if isinstance(s, ast.AnnAssign) and s.target.id == "percentile"]
     low, high = (ast.literal_eval(a) for a in stmt.annotation.slice.elts[1].args)
-    assert (low, high, ast.literal_eval(stmt.value)) == (80.0, 99.99, 98.0)
+    assert (low, high, ast.literal_eval(stmt.value)) == (80.0, 99.999, 98.0)
     slider = _widgets(ui)["percentileSliderWidget"]
     props = {p.get("name"): p[0].text for p in slider.findall("property")}
     assert float(props["minimum"]) == low and float(props["maximum"]) == pytest.approx(high)
+    # the slider can show and step to every percentile of the calibration table above its minimum
+    from AnomalySegLib.segmentation.calibration import TABLE_PERCENTILES
+
+    top = TABLE_PERCENTILES[(TABLE_PERCENTILES >= low) & (TABLE_PERCENTILES < 100)]
+    assert top.max() == pytest.approx(high)
+    step = 10.0 ** -int(props["decimals"])
+    assert float(props["singleStep"]) == pytest.approx(step)
+    assert np.allclose(np.round(top / step) * step, top, atol=1e-9)
     assert float(props["value"]) == 98.0
 
 

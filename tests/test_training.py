@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from AnomalySegLib.errors import AnomalySegError, Cancelled, ModelFileError
-from AnomalySegLib.pipeline.training import TrainConfig, split_volumes, train_model
+from AnomalySegLib.pipeline.training import TrainConfig, learning_rate_at, split_volumes, train_model
 
 FAST = dict(epochs=2, batch_size=8, image_size=32, base_width=4, latent_dim=8, device="cpu", seed=3)
 
@@ -54,6 +54,45 @@ def test_same_seed_same_model_and_resume_equals_straight_run(small_volumes, tmp_
         assert torch.allclose(v, resumed.network.state_dict()[k], atol=1e-6), k
     assert [h["epoch"] for h in resumed.training["history"]] == [1, 2]
     assert (tmp_path / "m.pt").exists() and not ckpt.exists()  # checkpoint removed after success
+
+
+def test_cosine_schedule_formula_and_the_rates_the_optimiser_used(small_volumes, tmp_path, monkeypatch):
+    assert learning_rate_at(1e-3, "constant", 7, 10) == 1e-3
+    assert learning_rate_at(2.0, "cosine", 0, 8) == pytest.approx(2.0)
+    assert learning_rate_at(2.0, "cosine", 2, 8) == pytest.approx(1.0 + np.cos(np.pi / 4))
+    assert learning_rate_at(2.0, "cosine", 4, 8) == pytest.approx(1.0)
+    assert learning_rate_at(2.0, "cosine", 8, 8) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="schedule"):
+        learning_rate_at(1.0, "linear", 0, 1)
+    with pytest.raises(AnomalySegError, match="schedule must be one of"):
+        train_model(small_volumes, TrainConfig(**{**FAST, "lr_schedule": "linear"}))
+
+    # record the rate of every optimiser step of a straight run and of an interrupted + resumed one
+    used = []
+    original = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    config = {**FAST, "lr_schedule": "cosine", "learning_rate": 1e-3}
+    straight = train_model(small_volumes, TrainConfig(**config))
+    steps = len(used)
+    assert steps >= 4 and steps % FAST["epochs"] == 0
+    assert used == pytest.approx([learning_rate_at(1e-3, "cosine", i, steps) for i in range(steps)])
+    assert used[0] == pytest.approx(1e-3) and used[-1] < 1e-3 * 0.2
+    assert straight.training["config"]["lr_schedule"] == "cosine"
+
+    used.clear()
+    ckpt = tmp_path / "run.ckpt"
+    stop = _StopAfterEpoch(1)
+    with pytest.raises(Cancelled):
+        train_model(small_volumes, TrainConfig(**config), checkpoint=ckpt, progress=stop.progress, cancel=stop.cancel)
+    resumed = train_model(small_volumes, TrainConfig(**config), checkpoint=ckpt, resume=True)
+    assert used == pytest.approx([learning_rate_at(1e-3, "cosine", i, steps) for i in range(steps)])
+    for k, v in _weights(straight).items():
+        assert torch.allclose(v, resumed.network.state_dict()[k], atol=1e-6), k
 
 
 class _StopAfterEpoch:
@@ -227,3 +266,33 @@ def test_compiled_training_step_trains_like_the_eager_one(small_volumes):
     np.testing.assert_allclose(b, a, rtol=0.25)  # the same schedule; only the sampling noise differs
     assert all(v.dtype == torch.float32 and v.is_contiguous() for v in compiled.network.state_dict().values()
                if v.is_floating_point())
+
+
+def test_checkpoint_written_before_the_lr_schedule_setting_resumes_as_constant(small_volumes, tmp_path):
+    import json
+
+    from AnomalySegLib.model.archive import read_payload, write_payload
+    from AnomalySegLib.model.checkpoint import CHECKPOINT_FORMAT
+
+    ckpt = tmp_path / "run.ckpt"
+    stop = _StopAfterEpoch(1)
+    with pytest.raises(Cancelled):
+        train_model(small_volumes, TrainConfig(**FAST), checkpoint=ckpt, progress=stop.progress, cancel=stop.cancel)
+    state = read_payload(ckpt, CHECKPOINT_FORMAT)
+    config = json.loads(state["config"])
+    del config["lr_schedule"]  # as an earlier version wrote it
+    state["config"] = json.dumps(config)
+    write_payload(state, ckpt)
+    resumed = train_model(small_volumes, TrainConfig(**FAST), checkpoint=ckpt, resume=True)
+    assert [h["epoch"] for h in resumed.training["history"]] == [1, 2]
+    # the same old checkpoint does not pass for a cosine run
+    stop = _StopAfterEpoch(1)
+    with pytest.raises(Cancelled):
+        train_model(small_volumes, TrainConfig(**FAST), checkpoint=ckpt, progress=stop.progress, cancel=stop.cancel)
+    state = read_payload(ckpt, CHECKPOINT_FORMAT)
+    config = json.loads(state["config"])
+    del config["lr_schedule"]
+    state["config"] = json.dumps(config)
+    write_payload(state, ckpt)
+    with pytest.raises(ModelFileError, match="different training run"):
+        train_model(small_volumes, TrainConfig(**{**FAST, "lr_schedule": "cosine"}), checkpoint=ckpt, resume=True)

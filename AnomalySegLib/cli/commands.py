@@ -24,7 +24,7 @@ from .. import __version__
 from . import evaluate as evaluate_command
 from .args import fraction, image_size, nonempty_path, percentile, positive_int, seed
 from ..errors import AnomalySegError, ModelFileError, OutputError
-from ..settings import INTENSITY_TERMS, SCAN_NORMALISATIONS
+from ..settings import INTENSITY_TERMS, LR_SCHEDULES, SCAN_NORMALISATIONS
 
 PROG = "anomalyseg"
 
@@ -171,7 +171,7 @@ def _train(args, output: Path, checkpoint: Path, volumes) -> int:
     method = args.method if args.method is not None or init is None else init.name
     settings = profile_settings(args.profile, device_type, {
         "method": method, "epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
-        "image_size": args.image_size, "base_width": args.width})
+        "image_size": args.image_size, "base_width": args.width, "lr_schedule": args.lr_schedule})
     preprocessing = {}
     if args.brain_extraction is not None:
         from ..data.raw_input import resolve_brain_extraction
@@ -188,8 +188,12 @@ def _train(args, output: Path, checkpoint: Path, volumes) -> int:
     mixed = mixed_precision_training(resolve_device(args.device), config.amp)
     _say(args, f"{PROG}: training {config.method} on {len(volumes)} healthy volume(s) on {device_type} "
                f"(profile {config.profile}: {config.image_size} px, width {config.base_width}, {config.epochs} "
-               f"epochs, batch {config.batch_size}, lr {config.learning_rate:g}, "
+               f"epochs, batch {config.batch_size}, lr {config.learning_rate:g} {config.lr_schedule}, "
                f"{'mixed precision' if mixed else 'float32'}{', torch.compile' if config.compile else ''})")
+    if device_type == "cpu" and not mixed and config.profile == "fast" and args.epochs is None:
+        _say(args, f"{PROG}: note: this CPU trains in float32 (no native bfloat16, or --no-amp), about 2.3x "
+                   f"slower than mixed precision: ~20 min for 40 volumes on 2 cores; --epochs "
+                   f"{config.epochs // 2} halves that at some cost in quality (docs/BENCHMARKS.md)")
     model = train_model(volumes, config, output=output, init=init, checkpoint=checkpoint,
                         resume=args.resume, progress=_progress(args), overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -385,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slice size (multiple of 32; paper: 224); default: the profile's")
     p.add_argument("--batch-size", type=positive_int, default=None, help="default: the profile's (32)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (paper: 1e-4); default: the profile's")
+    p.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES,
+                   help="learning rate over the run: constant (the paper) or cosine decay to 0; default: the profile's")
     p.add_argument("--width", type=positive_int, default=None,
                    help="network base width (64 = ResNet-18); default: the profile's")
     p.add_argument("--latent-dim", type=positive_int, default=32)

@@ -68,6 +68,7 @@ def read_checkpoint(path: Optional[Path], *, config: dict, names: Sequence[str])
         raise InputError(f"cannot resume: checkpoint {path} not found")
     state = read_payload(path, CHECKPOINT_FORMAT)
     saved = json.loads(state["config"])
+    saved.setdefault("lr_schedule", "constant")  # written before the setting existed: the constant rate
     if _comparable(saved) != _comparable(config) or json.loads(state["volumes"]) != list(names):
         raise ModelFileError(f"checkpoint {path} belongs to a different training run "
                              "(other settings or volumes); remove it or drop --resume")

@@ -31,9 +31,19 @@ from ..nn.methods import (ARCHITECTURE_OF, METHODS, MethodParams, default_warmup
 from ..nn.networks import VAEConfig, build_network
 from ..nn.speed import mixed_precision_training
 from ..progress import CancelCallback, EtaEstimator, ProgressCallback, ProgressEvent, check_cancel, emit
-from ..settings import JsonSettings
+from ..settings import LR_SCHEDULES, JsonSettings
 from .calibrate import calibrate_prepared
 from .inference import score_prepared
+
+
+def learning_rate_at(base: float, schedule: str, step: int, total_steps: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of a run of ``total_steps``:
+    ``base`` (constant) or ``base * (1 + cos(pi * step / total_steps)) / 2`` (cosine)."""
+    if schedule == "constant":
+        return base
+    if schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
 
 
 @dataclass
@@ -62,6 +72,11 @@ class TrainConfig(JsonSettings):
     #: fails (e.g. no C++ compiler).
     compile: bool = False
     calibration_fraction: float = 0.2
+    #: Learning rate over the run: ``constant`` (the paper's Adam) or ``cosine`` (decays per
+    #: step from ``learning_rate`` to 0 along half a cosine over all the run's steps; a resumed
+    #: run given more epochs continues on the longer run's curve). Measured no better than
+    #: constant for the CPU profile (docs/BENCHMARKS.md), so no profile uses it.
+    lr_schedule: str = "constant"
     method_overrides: dict = field(default_factory=dict)
     preprocessing_overrides: dict = field(default_factory=dict)
     #: Name of the profile these settings came from (profiles.py), "" for hand-made configs.
@@ -79,6 +94,9 @@ class TrainConfig(JsonSettings):
             raise ValueError("learning rate must be > 0")
         if not 0.0 <= self.calibration_fraction < 1.0:
             raise ValueError("calibration fraction must be in [0, 1)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"learning-rate schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                             f"got {self.lr_schedule!r}")
         for name in ("amp", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -367,6 +385,11 @@ class Trainer:
                 x, m = x.pin_memory(), m.pin_memory()
             x = x.to(self.device, non_blocking=True)
             m = m.to(self.device, non_blocking=True)
+            # the schedule counts steps over the whole run, so a resumed run continues it
+            lr = learning_rate_at(config.learning_rate, config.lr_schedule, epoch * self.steps_per_epoch + step,
+                                  config.epochs * self.steps_per_epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             logs = self._step(x, m, epoch)
             for key, value in logs.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
