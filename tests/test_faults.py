@@ -550,16 +550,18 @@ def test_skip_existing_continues_an_interrupted_batch(synthetic_cohort, trained_
 
 @pytest.mark.skipif(sys.platform != "linux", reason="peak RSS of children via getrusage (Linux units)")
 def test_segment_of_a_large_volume_peaks_below_three_times_the_input(tmp_path, capsys):
-    """Item 8: ``segment`` of a large float32 volume (144 MiB here; 300 MiB in
-    docs/BENCHMARKS.md) in a real child process peaks at <= 3x the input's size above the
-    library's fixed cost (a child that only imports it). Before the fix the input and the
-    full-size map were alive together with their temporaries (6.6x, then 3.06x)."""
+    """Item 8: ``segment`` of the large float32 volume of docs/BENCHMARKS.md (512 x 512 x 300,
+    300 MiB) in a real child process peaks at <= 3x the input's size above the library's
+    fixed cost (a child that only imports it); measured 2.62-2.63x. Before the fix the input
+    and the full-size map were alive together with their temporaries (6.6x, then 3.06x).
+    (A smaller input is not a stand-in: the run's fixed costs weigh more on it -- a 144 MiB
+    volume measured 2.83-3.03x on a 2-core AMD EPYC.)"""
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         import measure_memory
     finally:
         sys.path.pop(0)
-    assert measure_memory.main(["--shape", "384", "384", "256", "--method", "dae", "--workdir", str(tmp_path)]) == 0
+    assert measure_memory.main(["--shape", "512", "512", "300", "--method", "dae", "--workdir", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["input_mb"] == pytest.approx(144.0)
+    assert result["input_mb"] == pytest.approx(300.0)
     assert result["above_baseline_over_input"] <= 3.0, result
