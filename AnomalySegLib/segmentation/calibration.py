@@ -30,7 +30,7 @@ from .postprocess import (
 
 #: Percentiles stored in a model: every 0.1 from 0 to 100, plus finer steps near the top
 #: where clinically useful thresholds live. The operating point of the default method sits
-#: at p99.97-p99.99 on every cohort measured, so the table goes on to p99.999: a table that
+#: at or above p99.97 on every cohort measured, so the table goes on to p99.999: a table that
 #: stopped at p99.99 left the false-component budget unmet whenever even p99.99 flagged
 #: too much (docs/BENCHMARKS.md). Held-out healthy volumes hold ~10^6 brain voxels, so
 #: p99.999 is still an order statistic of ~10 voxels, not an extrapolation.
