@@ -192,7 +192,7 @@ def _train(args, output: Path, checkpoint: Path, volumes) -> int:
                f"{'mixed precision' if mixed else 'float32'}{', torch.compile' if config.compile else ''})")
     if device_type == "cpu" and not mixed and config.profile == "fast" and args.epochs is None:
         _say(args, f"{PROG}: note: this CPU trains in float32 (no native bfloat16, or --no-amp), about 2.3x "
-                   f"slower than mixed precision: ~20 min for 40 volumes on 2 cores; --epochs "
+                   f"slower than mixed precision: 10-20 min for 40 volumes on 2 cores; --epochs "
                    f"{config.epochs // 2} halves that at some cost in quality (docs/BENCHMARKS.md)")
     model = train_model(volumes, config, output=output, init=init, checkpoint=checkpoint,
                         resume=args.resume, progress=_progress(args), overwrite=args.overwrite)

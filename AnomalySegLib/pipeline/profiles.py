@@ -1,8 +1,8 @@
 """Training profiles: the settings a user gets without tuning flags.
 
 ``fast`` fits a laptop CPU: 40 whole-brain 2 mm healthy volumes train and calibrate in
-under 20 minutes on 2 cores (measured: docs/BENCHMARKS.md; ~5 min with native bf16, ~19 min
-in float32 (estimated: twice the 9.5 min measured at 8 epochs), where ``--epochs 8`` halves
+under 20 minutes on 2 cores (measured: docs/BENCHMARKS.md; ~5 min with native bf16, 10 min in
+float32 on the same AMD CPU, ~19 min estimated on an older Xeon, where ``--epochs 8`` halves
 it at a measured cost in quality). ``paper`` is the paper's scale
 (224 px slices, ResNet-18 width 64, 50 epochs, lr 1e-4) for a CUDA GPU. ``auto`` picks
 ``paper`` when training on CUDA and ``fast`` otherwise. An explicit flag (``--epochs``,
@@ -27,7 +27,7 @@ DEFAULT_METHOD = "dae"
 #: Per profile: TrainConfig field -> value, the learning rate being the default method's.
 PROFILES: Dict[str, Dict[str, Any]] = {
     # 16 epochs: measured better than 8 on every cohort (docs/BENCHMARKS.md, "Training length");
-    # ~5 min for 40 volumes on 2 cores with native bf16; ~19 min in float32 (2x the 9.5 min measured at 8)
+    # 40 volumes on 2 cores: ~5 min with native bf16, 10 min in float32 (AMD EPYC; ~19 min est. on an older Xeon)
     "fast": {"image_size": 96, "base_width": 16, "epochs": 16, "batch_size": 32, "learning_rate": 1e-3},
     "paper": {"image_size": 224, "base_width": 64, "epochs": 50, "batch_size": 32, "learning_rate": 1e-4},
 }
