@@ -44,9 +44,7 @@ def test_same_seed_same_model_and_resume_equals_straight_run(small_volumes, tmp_
 
     # interrupt after the first epoch, then resume from the checkpoint
     ckpt = tmp_path / "run.ckpt"
-    stop = _StopAfterEpoch(1)
-    with pytest.raises(Cancelled):
-        train_model(small_volumes, TrainConfig(**FAST), checkpoint=ckpt, progress=stop.progress, cancel=stop.cancel)
+    _interrupt_after_first_epoch(small_volumes, TrainConfig(**FAST), ckpt)
     assert ckpt.exists()
     resumed = train_model(small_volumes, TrainConfig(**FAST), checkpoint=ckpt, resume=True,
                           output=tmp_path / "m.pt")
@@ -86,13 +84,18 @@ def test_cosine_schedule_formula_and_the_rates_the_optimiser_used(small_volumes,
 
     used.clear()
     ckpt = tmp_path / "run.ckpt"
-    stop = _StopAfterEpoch(1)
-    with pytest.raises(Cancelled):
-        train_model(small_volumes, TrainConfig(**config), checkpoint=ckpt, progress=stop.progress, cancel=stop.cancel)
+    _interrupt_after_first_epoch(small_volumes, TrainConfig(**config), ckpt)
     resumed = train_model(small_volumes, TrainConfig(**config), checkpoint=ckpt, resume=True)
     assert used == pytest.approx([learning_rate_at(1e-3, "cosine", i, steps) for i in range(steps)])
     for k, v in _weights(straight).items():
         assert torch.allclose(v, resumed.network.state_dict()[k], atol=1e-6), k
+
+
+def _interrupt_after_first_epoch(volumes, config, checkpoint):
+    """Run ``config`` until its first epoch is complete, then cancel it (leaving ``checkpoint``)."""
+    stop = _StopAfterEpoch(1)
+    with pytest.raises(Cancelled):
+        train_model(volumes, config, checkpoint=checkpoint, progress=stop.progress, cancel=stop.cancel)
 
 
 class _StopAfterEpoch:
@@ -112,9 +115,7 @@ class _StopAfterEpoch:
 
 def test_resume_refuses_other_run(small_volumes, tmp_path):
     ckpt = tmp_path / "run.ckpt"
-    stop = _StopAfterEpoch(1)
-    with pytest.raises(Cancelled):
-        train_model(small_volumes, TrainConfig(**FAST), checkpoint=ckpt, progress=stop.progress, cancel=stop.cancel)
+    _interrupt_after_first_epoch(small_volumes, TrainConfig(**FAST), ckpt)
     other = TrainConfig(**{**FAST, "learning_rate": 5e-4})
     with pytest.raises(ModelFileError, match="different training run"):
         train_model(small_volumes, other, checkpoint=ckpt, resume=True)
@@ -275,24 +276,19 @@ def test_checkpoint_written_before_the_lr_schedule_setting_resumes_as_constant(s
     from AnomalySegLib.model.checkpoint import CHECKPOINT_FORMAT
 
     ckpt = tmp_path / "run.ckpt"
-    stop = _StopAfterEpoch(1)
-    with pytest.raises(Cancelled):
-        train_model(small_volumes, TrainConfig(**FAST), checkpoint=ckpt, progress=stop.progress, cancel=stop.cancel)
-    state = read_payload(ckpt, CHECKPOINT_FORMAT)
-    config = json.loads(state["config"])
-    del config["lr_schedule"]  # as an earlier version wrote it
-    state["config"] = json.dumps(config)
-    write_payload(state, ckpt)
+    _interrupt_after_first_epoch(small_volumes, TrainConfig(**FAST), ckpt)
+    def as_written_before_the_setting():
+        state = read_payload(ckpt, CHECKPOINT_FORMAT)
+        config = json.loads(state["config"])
+        del config["lr_schedule"]  # as an earlier version wrote it
+        state["config"] = json.dumps(config)
+        write_payload(state, ckpt)
+
+    as_written_before_the_setting()
     resumed = train_model(small_volumes, TrainConfig(**FAST), checkpoint=ckpt, resume=True)
     assert [h["epoch"] for h in resumed.training["history"]] == [1, 2]
     # the same old checkpoint does not pass for a cosine run
-    stop = _StopAfterEpoch(1)
-    with pytest.raises(Cancelled):
-        train_model(small_volumes, TrainConfig(**FAST), checkpoint=ckpt, progress=stop.progress, cancel=stop.cancel)
-    state = read_payload(ckpt, CHECKPOINT_FORMAT)
-    config = json.loads(state["config"])
-    del config["lr_schedule"]
-    state["config"] = json.dumps(config)
-    write_payload(state, ckpt)
+    _interrupt_after_first_epoch(small_volumes, TrainConfig(**FAST), ckpt)
+    as_written_before_the_setting()
     with pytest.raises(ModelFileError, match="different training run"):
         train_model(small_volumes, TrainConfig(**{**FAST, "lr_schedule": "cosine"}), checkpoint=ckpt, resume=True)
