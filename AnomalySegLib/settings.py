@@ -45,6 +45,10 @@ INTENSITY_TERMS = ("bright-position", "abs-position", "bright-global", "abs-glob
 #: network's map and the intensity term separately before they are fused.
 SCAN_NORMALISATIONS = ("off", "interdecile", "upper", "terms-interdecile", "terms-upper")
 
+#: Bias flattening before scoring (``MethodParams.bias_flatten``): ``off``, ``intensity``
+#: (the fusion's intensity term only) or ``all`` (the network's input too).
+BIAS_FLATTENING = ("off", "intensity", "all")
+
 
 #: Learning-rate schedules of training (``TrainConfig.lr_schedule``): the paper's constant
 #: Adam rate, or a cosine decay to 0 over the run.

@@ -42,7 +42,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 from AnomalySegLib.errors import AnomalySegError, InputError, OutputError
 from AnomalySegLib.io.atomic import replacing
-from AnomalySegLib.data.synthetic import (LESION_KINDS, PLACEMENTS, TEMPLATES, cohort_case_seeds, load_template,
+from AnomalySegLib.data.synthetic import (BIAS_MODELS, LESION_KINDS, PLACEMENTS, TEMPLATES, cohort_case_seeds, load_template,
                                      make_cohort)
 
 INDEX = "benchmark.json"
@@ -100,7 +100,8 @@ def _move(src_dir: Path, dst_dir: Path, rel_paths: Sequence[str]) -> list[str]:
 def make_benchmark_data(output_dir: Path, *, n_healthy: int = 40, n_per_kind: int = 10, n_lesion_free: int = 10,
                         kinds: Sequence[str] = LESION_KINDS, seed: int = DEV_SEED, resolution_mm: float = 2.0,
                         n_slices: Optional[int] = None, contrast: str = "flair",
-                        templates: Sequence[str] = TEMPLATES, placement: str = "mixed", overwrite: bool = False,
+                        templates: Sequence[str] = TEMPLATES, placement: str = "mixed", bias_model: str = "quadratic",
+                        overwrite: bool = False,
                         log: Callable[[str], None] = print) -> dict:
     """Generate the benchmark into ``output_dir`` (built in a temporary sibling, then renamed).
 
@@ -136,11 +137,11 @@ def make_benchmark_data(output_dir: Path, *, n_healthy: int = 40, n_per_kind: in
         index: dict = {
             "generator": "scripts/make_benchmark_data.py", "seed": seed, "resolution_mm": resolution_mm,
             "n_slices": n_slices, "contrast": contrast, "template": "+".join(templates), "templates": templates,
-            "placement": placement, "dev_seed": DEV_SEED, "eval_seed": EVAL_SEED,
+            "placement": placement, "bias_model": bias_model, "dev_seed": DEV_SEED, "eval_seed": EVAL_SEED,
             "healthy": [], "lesion_free": [], "kinds": {}, "cases": {},
         }
         common = dict(resolution_mm=resolution_mm, n_slices=n_slices, contrast=contrast, template=templates,
-                      placement=placement)
+                      placement=placement, bias_model=bias_model)
         log(f"healthy cohort: {n_healthy} volumes + {n_lesion_free} lesion-free test volumes "
             f"({', '.join(templates)}; lesions: {placement})")
         base = make_cohort(tmp / "_base", n_healthy=n_healthy, n_lesion=0, n_lesion_free_test=n_lesion_free,
@@ -182,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", default="mixed", choices=PLACEMENTS,
                    help="lesion centres: mixed = grey and white matter (default), deep = deep white matter "
                         "(the published benchmark)")
+    p.add_argument("--bias-model", default="quadratic", choices=BIAS_MODELS,
+                   help="shape of each scan's bias field: quadratic (default) or smooth (a random field with "
+                        "~50 mm features: data made differently)")
     p.add_argument("--seed", type=int, default=DEV_SEED,
                    help=f"{DEV_SEED} for development/tuning data, {EVAL_SEED} for held-out evaluation data")
     p.add_argument("--overwrite", action="store_true")
@@ -199,7 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.output_dir, n_healthy=args.n_healthy, n_per_kind=args.n_per_kind,
             n_lesion_free=args.n_lesion_free, kinds=args.kinds, seed=args.seed, resolution_mm=args.resolution,
             n_slices=args.slices, contrast=args.contrast, templates=args.templates, placement=args.placement,
-            overwrite=args.overwrite,
+            bias_model=args.bias_model, overwrite=args.overwrite,
             log=lambda m: print(m, file=sys.stderr))
     except AnomalySegError as exc:
         print(f"make_benchmark_data: error: {exc}", file=sys.stderr)

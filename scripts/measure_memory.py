@@ -67,6 +67,7 @@ def make_model(path: Path, image_size: int, method: str, volume_path: Path) -> N
                          preprocessing=PreprocessConfig(image_size=image_size),
                          method=MethodParams.defaults(method))
     model.method.fuse_intensity = 0.0  # no healthy statistics in an untrained model
+    model.method.bias_flatten = "off"  # (flattening needs them too; it works in model space, small here)
     model.method.position_normalise = False
     big = read_volume(volume_path)
     affine = big.affine.copy()

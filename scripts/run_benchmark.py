@@ -120,7 +120,8 @@ def build_method(method: str, train: Sequence[Path], calibration: Sequence[Path]
         scorer = IntensityBaseline(BASELINES[method], PreprocessConfig(image_size=args.image_size),
                                    smoothing_mm=args.baseline_smoothing,
                                    scan_normalise=args.baseline_scan_normalise,
-                                   grow_percentile=args.baseline_grow_percentile)
+                                   grow_percentile=args.baseline_grow_percentile,
+                                   bias_flatten=args.baseline_bias_flatten == "on")
         scorer.fit(calibration, reference=train)
         return scorer, {"seconds_fit": round(time.perf_counter() - started, 2),
                         "calibration_volumes": len(calibration), "healthy_median": scorer.healthy_median}
@@ -424,6 +425,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="per-scan standardisation of the baselines' maps (default: the dae's)")
     p.add_argument("--baseline-grow-percentile", type=float, default=MethodParams.defaults("dae").grow_percentile,
                    help="hysteresis percentile of the baselines' masks, 0 = off (default: the dae's)")
+    p.add_argument("--baseline-bias-flatten", choices=("on", "off"),
+                   default="off" if MethodParams.defaults("dae").bias_flatten == "off" else "on",
+                   help="divide out each scan's smooth bias field before the intensity baselines score it "
+                        "(default: as the dae)")
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one training run per seed (paper: 3)")

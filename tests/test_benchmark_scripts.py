@@ -127,9 +127,11 @@ def test_run_benchmark_smoke(bench_data, tmp_path):
     train_idx, cal_idx = split_volumes(len(healthy), 0.2, 0)
     from AnomalySegLib.nn.methods import DAE_SMOOTHING_MM, MethodParams
 
-    # the benchmark gives baselines the default method's post-processing (standardisation, smoothing)
+    # the benchmark gives baselines the default method's post-processing (standardisation,
+    # smoothing) and its bias flattening (statistics from the training volumes)
     base = IntensityBaseline("bright", PreprocessConfig(image_size=32), smoothing_mm=DAE_SMOOTHING_MM,
-                             scan_normalise=MethodParams.defaults("dae").scan_normalise).fit(
+                             scan_normalise=MethodParams.defaults("dae").scan_normalise,
+                             bias_flatten=MethodParams.defaults("dae").bias_flatten != "off").fit(
         [healthy[i] for i in cal_idx], reference=[healthy[i] for i in train_idx])
     direct = evaluate_model(base, [bench_data / p for p in index["kinds"]["bright"]["images"]],
                             [bench_data / p for p in index["kinds"]["bright"]["labels"]])

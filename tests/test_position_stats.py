@@ -71,6 +71,7 @@ def test_dae_model_with_position_stats_round_trips_and_normalises_scores(tmp_pat
     assert params.position_normalise and params.fuse_intensity == 1.0  # the default: z-scores + fusion
     params.fuse_intensity = 0.0  # first the position statistics alone
     params.scan_normalise = "off"  # per-scan standardisation: its own tests below
+    params.bias_flatten = "off"  # bias flattening: tests/test_bias_flatten.py
     model = AnomalyModel(network=build_network(config).eval(), network_config=config,
                          preprocessing=PreprocessConfig(image_size=32), method=params)
     prepared = [prepare_volume(v, model.preprocessing) for v in healthy_volumes[:3]]
@@ -163,6 +164,7 @@ def test_scan_standardisation_is_applied_after_smoothing_in_calibration_and_infe
     torch.manual_seed(0)
     config = VAEConfig(image_size=32, base_width=4, architecture="unet")
     params = dataclasses.replace(MethodParams.defaults("dae"), fuse_intensity=0.0, position_normalise=False,
+                                 bias_flatten="off",
                                  scan_normalise="interdecile")
     model = AnomalyModel(network=build_network(config).eval(), network_config=config,
                          preprocessing=PreprocessConfig(image_size=32), method=params)
@@ -203,8 +205,10 @@ def test_terms_standardisation_standardises_each_fused_term_in_model_space(tmp_p
     assert MethodParams.defaults("dae").scan_normalise == "terms-upper"
     torch.manual_seed(1)
     config = VAEConfig(image_size=32, base_width=4, architecture="unet")
+    # bias flattening off: this test is about the standardisation (flattening: test_bias_flatten.py)
+    method = dataclasses.replace(MethodParams.defaults("dae"), bias_flatten="off")
     model = AnomalyModel(network=build_network(config).eval(), network_config=config,
-                         preprocessing=PreprocessConfig(image_size=32), method=MethodParams.defaults("dae"))
+                         preprocessing=PreprocessConfig(image_size=32), method=method)
     prepared = [prepare_volume(v, model.preprocessing) for v in healthy_volumes[:3]]
     raw = [score_prepared(model, p, device="cpu", normalise=False) for p in prepared]
     masks, idx = [p.masks for p in prepared], [p.slice_indices for p in prepared]

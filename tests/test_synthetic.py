@@ -330,3 +330,37 @@ def test_case_seeds_of_different_cohort_seeds_are_disjoint():
     assert len(set(dev.values())) == len(dev) == 180  # no two cases share a seed
     for other in (1, 1000, 9000):
         assert not set(dev.values()) & set(cohort_case_seeds(other, **sizes).values())
+
+
+def test_smooth_bias_model_is_a_bounded_non_polynomial_field_and_the_default_is_unchanged(tpl):
+    """``bias_model="smooth"``: image / unbiased image is exp of a field whose log peaks at the
+    drawn amplitude (10-25 %) inside the brain, that a quadratic fits poorly; the default
+    (quadratic) draws exactly what it drew before the option existed."""
+    kw = dict(contrast="flair", noise=0.0, deform=False)
+    clean = synthesize_case(tpl, 11, bias=False, **kw)
+    smooth = synthesize_case(tpl, 11, bias_model="smooth", **kw)
+    quad = synthesize_case(tpl, 11, bias_model="quadratic", **kw)
+    np.testing.assert_array_equal(quad.image, synthesize_case(tpl, 11, **kw).image)
+    np.testing.assert_array_equal(smooth.image, synthesize_case(tpl, 11, bias_model="smooth", **kw).image)
+    brain = clean.brain & (clean.image > 0.05 * clean.image.max())
+    amp = smooth.meta["bias_amplitude"]
+    assert 0.10 <= amp <= 0.25 and smooth.meta["bias_model"] == "smooth"
+    log_field = np.log(smooth.image[brain] / clean.image[brain])
+    log_field -= log_field.mean()
+    # centred on the brain mean before the gain: the peak |log| equals the amplitude up to the re-centring
+    assert abs(np.abs(log_field).max() - amp) < 0.5 * amp
+    # a quadratic in the voxel coordinates explains the quadratic field almost fully, the smooth one not
+    idx = np.argwhere(brain).astype(np.float64)
+    idx = (idx - idx.mean(0)) / idx.std(0)
+    x, y, z = idx.T
+    design = np.stack([np.ones_like(x), x, y, z, x * x, y * y, z * z, x * y, x * z, y * z], axis=1)
+
+    def unexplained(values):
+        values = values - values.mean()
+        residual = values - design @ np.linalg.lstsq(design, values, rcond=None)[0]
+        return float(residual.var() / values.var())
+
+    assert unexplained(np.log(quad.image[brain] / clean.image[brain])) < 0.01
+    assert unexplained(log_field) > 0.2
+    with pytest.raises(InputError, match="unknown bias model"):
+        synthesize_case(tpl, 11, bias_model="n4", **kw)

@@ -153,15 +153,18 @@ def run_demo(
     echo("[4/4] evaluating against the known lesion masks (thresholds from healthy scans only)")
     learned = evaluate_model(model, tests, labels, device=device, output_dir=out / "evaluation" / method,
                              overwrite=True, n_overlays=1)
-    # the baseline gets the model's per-scan standardisation, smoothing, minimum lesion size and
-    # operating-point rule, calibrated on the same held-out healthy volumes as the model
+    # the baseline gets the model's per-scan standardisation, smoothing, bias flattening (its
+    # statistics from the training volumes), minimum lesion size and operating-point rule,
+    # calibrated on the same held-out healthy volumes as the model
     cal_names = set(model.training.get("calibration_names") or [])
     cal_volumes = [p for p in healthy if p.name in cal_names] or healthy[: max(1, len(healthy) // 4)]
     baseline = IntensityBaseline("bright", model.preprocessing, smoothing_mm=model.method.smoothing_mm,
                                  scan_normalise=model.method.scan_normalise,
                                  grow_percentile=model.method.grow_percentile,
                                  min_component_ml=model.calibration.min_component_ml,
-                                 max_false_components=model.calibration.max_false_components).fit(cal_volumes)
+                                 max_false_components=model.calibration.max_false_components,
+                                 bias_flatten=model.method.bias_flatten != "off",
+                                 ).fit(cal_volumes, reference=[p for p in healthy if p not in cal_volumes] or None)
     intensity = evaluate_model(baseline, tests, labels, output_dir=out / "evaluation" / "intensity",
                                overwrite=True, n_overlays=1)
 

@@ -663,6 +663,32 @@ def _bias_field(shape: Sequence[int], rng: np.random.Generator, brain: np.ndarra
     return 1.0 + np.float32(amp / max(peak, 1e-6)) * poly
 
 
+#: Bias-field models of the acquisition step: ``quadratic`` (the benchmark's default) or
+#: ``smooth`` (a random smooth field with ~50 mm features, which no low-order polynomial
+#: fits: data made differently, to check that methods do not rely on the field's shape).
+BIAS_MODELS = ("quadratic", "smooth")
+
+
+def _smooth_bias_field(shape: Sequence[int], rng: np.random.Generator, brain: np.ndarray, meta: dict,
+                       voxel_mm: float) -> np.ndarray:
+    """``exp`` of a Gaussian random field (white noise on a 16 mm grid, smoothed with sigma
+    24 mm, cubic-upsampled), peak deviation of the log 10-25 % inside the brain."""
+    amp = rng.uniform(0.10, 0.25)
+    cell_mm = 16.0
+    coarse = tuple(max(2, int(np.ceil(n * voxel_mm / cell_mm)) + 1) for n in shape)
+    noise = ndimage.gaussian_filter(rng.standard_normal(coarse), sigma=1.5, mode="reflect")
+    # cubic interpolation of the coarse grid at every voxel (voxel centre -> coarse coordinate)
+    coords = np.meshgrid(*[np.arange(n) * (voxel_mm / cell_mm) for n in shape], indexing="ij", sparse=True)
+    coords = [np.broadcast_to(c, tuple(shape)) for c in coords]
+    log_field = ndimage.map_coordinates(noise, coords, order=3, mode="nearest").astype(np.float32)
+    inside = log_field[brain] if brain.any() else log_field.ravel()
+    log_field -= np.float32(inside.mean())
+    peak = float(np.abs(log_field[brain]).max()) if brain.any() else 1.0
+    meta["bias_amplitude"] = float(amp)
+    meta["bias_model"] = "smooth"
+    return np.exp(np.float32(amp / max(peak, 1e-6)) * log_field)
+
+
 def _central_slab(template_brain: np.ndarray, n_slices: int) -> int:
     """First axial index of the ``n_slices`` slices centred on the brain's superior-inferior extent."""
     nz = template_brain.shape[2]
@@ -692,6 +718,7 @@ def synthesize_case(
     noise: Optional[float] = None,
     n_slices: Optional[int] = None,
     placement: str = "deep",
+    bias_model: str = "quadratic",
 ) -> SyntheticCase:
     """Synthesize one subject from ``template``.
 
@@ -704,6 +731,7 @@ def synthesize_case(
     ``placement`` (:data:`PLACEMENTS`) chooses where random lesion centres go: "deep"
     (default, the published benchmark) in deep white matter, "mixed" anywhere in grey
     or white matter. ``meta`` records it, and per lesion the tissue at the centre.
+    ``bias_model`` (:data:`BIAS_MODELS`) chooses the shape of the bias field.
     """
     seed = int(rng) if isinstance(rng, (int, np.integer)) else None
     gen = np.random.default_rng(seed) if seed is not None else rng
@@ -713,6 +741,8 @@ def synthesize_case(
         raise InputError(f"unknown contrast {contrast!r}; choose from {', '.join(CONTRASTS)}")
     if placement not in PLACEMENTS:
         raise InputError(f"unknown lesion placement {placement!r}; choose from {', '.join(PLACEMENTS)}")
+    if bias_model not in BIAS_MODELS:
+        raise InputError(f"unknown bias model {bias_model!r}; choose from {', '.join(BIAS_MODELS)}")
     specs = [_as_spec(l) for l in lesions]
     shape = template.t1.shape
     vox = template.voxel_size_mm
@@ -742,7 +772,9 @@ def synthesize_case(
         info["_mask"] = own
         lesion_info.append(info)
 
-    if bias:
+    if bias and bias_model == "smooth":
+        image *= _smooth_bias_field(shape, gen, brain, meta, vox)
+    elif bias:
         image *= _bias_field(shape, gen, brain, meta)
     gain = float(gen.uniform(200.0, 1000.0))  # arbitrary scanner units
     image *= np.float32(gain)
@@ -844,6 +876,7 @@ def make_cohort(
     template: Union[str, Sequence[str]] = "mni152",
     contrast: str = "flair",
     placement: str = "deep",
+    bias_model: str = "quadratic",
 ) -> dict:
     """Write a synthetic cohort as NIfTI files and return its manifest (also manifest.json).
 
@@ -875,6 +908,8 @@ def make_cohort(
         raise InputError(f"unknown contrast {contrast!r}; choose from {', '.join(CONTRASTS)}")
     if placement not in PLACEMENTS:
         raise InputError(f"unknown lesion placement {placement!r}; choose from {', '.join(PLACEMENTS)}")
+    if bias_model not in BIAS_MODELS:
+        raise InputError(f"unknown bias model {bias_model!r}; choose from {', '.join(BIAS_MODELS)}")
     names = [template] if isinstance(template, str) else [str(t) for t in template]
     if not names:
         raise InputError("no template given")
@@ -893,7 +928,7 @@ def make_cohort(
         "generator": "AnomalySegLib.data.synthetic", "format_version": 1, "seed": int(seed),
         "template": template if isinstance(template, str) else list(names), "templates": names,
         "resolution_mm": float(resolution_mm), "n_slices": n_slices,
-        "contrast": contrast, "lesion_kinds": kinds, "placement": placement,
+        "contrast": contrast, "lesion_kinds": kinds, "placement": placement, "bias_model": bias_model,
         "healthy": [], "test": [], "labels": [], "cases": {},
     }
     jobs = _cohort_jobs(n_healthy, n_lesion, n_lesion_free_test, kinds)
@@ -902,7 +937,7 @@ def make_cohort(
         for folder, name, group, index, lesions in jobs:
             case_seed = _case_seed(seed, group, index)
             case = synthesize_case(tpls[index % len(tpls)], case_seed, lesions=lesions, contrast=contrast,
-                                   n_slices=n_slices, placement=placement)
+                                   n_slices=n_slices, placement=placement, bias_model=bias_model)
             image_rel = f"{folder}/{name}.nii.gz"
             _write_nifti(out / image_rel, case.image, case.affine, np.float32)
             meta = dict(case.meta, name=name, image=image_rel)

@@ -100,6 +100,11 @@ class PositionStats:
         std = np.maximum(std, max(floor, 1e-8))
         return cls(mean=mean.astype(np.float32), std=std.astype(np.float32))
 
+    def expected(self, size: int, slice_indices: np.ndarray) -> np.ndarray:
+        """Healthy mean ``[N, size, size]`` at every model-space pixel of kept slices ``slice_indices``."""
+        zb, yb, xb = _bin_index(slice_positions(slice_indices), size, self.mean.shape)
+        return self.mean[zb][:, yb][:, :, xb]
+
     def normalise(self, maps: np.ndarray, masks: np.ndarray, slice_indices: np.ndarray) -> np.ndarray:
         """z-scores ``(maps - mean) / std`` of model-space maps ``[N, S, S]``; 0 outside ``masks``."""
         maps = np.asarray(maps, dtype=np.float32)

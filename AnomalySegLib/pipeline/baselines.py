@@ -31,6 +31,7 @@ from ..segmentation.calibration import Calibration, default_percentile, resolve_
 from ..errors import InputError
 from ..io.geometry import voxel_volume_ml
 from .inference import VolumeScores, scores_on_volume_grid
+from ..data.bias_flatten import flatten_bias
 from ..model.position_stats import PositionStats
 from ..segmentation.postprocess import (DEFAULT_MAX_FALSE_COMPONENTS, DEFAULT_MIN_COMPONENT_ML,
                                         standardisation_stages, standardise_scan)
@@ -59,7 +60,7 @@ class IntensityBaseline:
                  *, healthy_median: Optional[float] = None, calibration: Optional[Calibration] = None,
                  default_percentile: float = 98.0, smoothing_mm: float = 0.0, scan_normalise: str = "off",
                  min_component_ml: Optional[float] = None, max_false_components: Optional[float] = None,
-                 grow_percentile: float = 0.0) -> None:
+                 grow_percentile: float = 0.0, bias_flatten: bool = False) -> None:
         if mode not in INTENSITY_MODES:
             raise ValueError(f"unknown intensity mode {mode!r}; choose one of {', '.join(INTENSITY_MODES)}")
         if mode in ("dark", "abs") and calibration is not None and healthy_median is None:
@@ -77,6 +78,10 @@ class IntensityBaseline:
         self.scan_normalise = scan_normalise
         #: hysteresis percentile of the mask (0 = off), as MethodParams.grow_percentile
         self.grow_percentile = 0.0 if not grow_percentile else check_percentile(grow_percentile, "grow percentile")
+        #: divide out each scan's smooth bias field against the healthy intensity per position
+        #: (as a model with MethodParams.bias_flatten; statistics fitted on the reference volumes)
+        self.bias_flatten = bool(bias_flatten)
+        self.flatten_stats: Optional[PositionStats] = None
         self.min_component_ml = DEFAULT_MIN_COMPONENT_ML if min_component_ml is None else float(min_component_ml)
         self.max_false_components = (DEFAULT_MAX_FALSE_COMPONENTS if max_false_components is None
                                      else float(max_false_components))
@@ -98,6 +103,8 @@ class IntensityBaseline:
         identity = (self.mode, self.healthy_median, self.preprocessing.to_dict(), self.smoothing_mm)
         if self.scan_normalise != "off":  # digests of baselines without it stay as they were
             identity += (self.scan_normalise,)
+        if self.bias_flatten:
+            identity += ("bias_flatten",)
         digest = hashlib.sha256(repr(identity).encode())
         if self.calibration is not None:
             digest.update(np.asarray(self.calibration.values, dtype=np.float64).tobytes())
@@ -120,7 +127,12 @@ class IntensityBaseline:
             if self.position_stats is None:
                 raise InputError("the intensity-zscore baseline is not fitted: call fit() on healthy volumes first")
             return np.abs(self.position_stats.normalise(prepared.images, prepared.masks, prepared.slice_indices))
-        scores = self._transform(prepared.images)
+        images = prepared.images
+        if self.bias_flatten:
+            if self.flatten_stats is None:
+                raise InputError(f"the {self.name} baseline is not fitted: call fit() on healthy volumes first")
+            images = flatten_bias(images, prepared.masks, prepared.slice_indices, self.flatten_stats)
+        scores = self._transform(images)
         scores[~prepared.masks] = 0.0
         return standardise_scan(scores, prepared.masks, standardisation_stages(self.scan_normalise)[0])
 
@@ -166,8 +178,17 @@ class IntensityBaseline:
         if not healthy:
             raise InputError("the intensity baseline needs at least one healthy volume to calibrate on")
         prepared = self._prepare_all(healthy, progress, cancel, "calibrate")
-        if self.mode != "bright":
+        ref = None
+        if self.bias_flatten:
             ref = prepared if reference is None else self._prepare_all(reference, None, cancel, "prepare")
+            # two passes, as fit_position_stats does for a model: the second on flattened images
+            stats = PositionStats.fit([p.images for p in ref], [p.masks for p in ref], [p.slice_indices for p in ref])
+            self.flatten_stats = PositionStats.fit(
+                [flatten_bias(p.images, p.masks, p.slice_indices, stats) for p in ref],
+                [p.masks for p in ref], [p.slice_indices for p in ref])
+        if self.mode != "bright":
+            if ref is None:
+                ref = prepared if reference is None else self._prepare_all(reference, None, cancel, "prepare")
             pixels = np.concatenate([p.images[p.masks] for p in ref])
             self.healthy_median = float(np.median(pixels))
             if self.mode == "zscore":
@@ -211,6 +232,8 @@ class IntensityBaseline:
             "max_false_components": self.max_false_components,
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "position_stats": None if self.position_stats is None else self.position_stats.to_dict(),
+            "bias_flatten": self.bias_flatten,
+            "flatten_stats": None if self.flatten_stats is None else self.flatten_stats.to_dict(),
         }
 
     @classmethod
@@ -230,7 +253,10 @@ class IntensityBaseline:
             grow_percentile=float(data.get("grow_percentile", 0.0) or 0.0),
             min_component_ml=data.get("min_component_ml"),
             max_false_components=data.get("max_false_components"),
+            bias_flatten=bool(data.get("bias_flatten", False)),
         )
+        flat = data.get("flatten_stats")
+        baseline.flatten_stats = PositionStats.from_dict(flat) if flat else None
         stats = data.get("position_stats")
         baseline.position_stats = PositionStats.from_dict(stats) if stats else None
         return baseline

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..data.preprocessing import PreparedVolume, brain_mask_in_volume, prepare_volume, to_volume_grid
+from ..data.bias_flatten import flatten_bias
 from ..errors import ModelFileError
 from ..io.geometry import voxel_spacing
 from ..io.volume_io import Volume
@@ -50,14 +51,20 @@ def score_prepared(
     network = inference_network(model.network, dev, dtype=dtype)
     if dev.type == "cpu":
         configure_cpu_threads()
-    count = len(prepared.images)
-    out = np.zeros(prepared.images.shape, dtype=np.float32)
+    images = prepared.images
+    flatten = model.method.bias_flatten
+    if flatten != "off" and model.intensity_stats is not None:
+        # one field per scan, against the healthy intensity at each position (data/bias_flatten.py)
+        images = flatten_bias(images, prepared.masks, prepared.slice_indices, model.intensity_stats)
+    network_input = images if flatten == "all" else prepared.images
+    count = len(images)
+    out = np.zeros(images.shape, dtype=np.float32)
     # the agree-* fusion needs the sign of the network's residual x - f(x)
     signed = bool(normalise and model.method.fuse_intensity > 0 and model.method.intensity_term.startswith("agree"))
     for start in range(0, count, batch_size):
         check_cancel(cancel)
         stop = min(start + batch_size, count)
-        x = torch.from_numpy(np.ascontiguousarray(prepared.images[start:stop], dtype=np.float32)).unsqueeze(1)
+        x = torch.from_numpy(np.ascontiguousarray(network_input[start:stop], dtype=np.float32)).unsqueeze(1)
         x = x.to(dev, dtype)
         m = torch.from_numpy(np.ascontiguousarray(prepared.masks[start:stop])).to(dev)
         with inference_autocast(dev, model.name):  # CUDA mixed precision (nn/speed.py)
@@ -77,7 +84,7 @@ def score_prepared(
     w = float(model.method.fuse_intensity)
     if z_scored and w > 0 and model.intensity_stats is not None:
         z_int = standardise_scan(
-            model.intensity_stats.normalise(prepared.images, prepared.masks, prepared.slice_indices),
+            model.intensity_stats.normalise(images, prepared.masks, prepared.slice_indices),
             prepared.masks, mode)
         out = (out + w * intensity_deviation(z_int, model.method.intensity_term, sign)) / (1.0 + w)
     return out

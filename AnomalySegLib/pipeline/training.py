@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..data.preprocessing import PreparedVolume, PreprocessConfig, prepare_volume
+from ..data.bias_flatten import flatten_bias
 from ..errors import AnomalySegError, InputError
 from ..io.volume_io import Volume, read_volume
 from ..model.bundle import AnomalyModel, load_model
@@ -117,6 +118,11 @@ def method_params_for(config: TrainConfig) -> MethodParams:
         raise ValueError(f"unknown method parameter(s): {', '.join(sorted(unknown))}")
     data.update(config.method_overrides)
     data["method"] = config.method
+    if "bias_flatten" not in config.method_overrides and (
+            float(data.get("fuse_intensity", 0)) <= 0 or str(data.get("intensity_term", "")).endswith("-global")):
+        # flattening needs the per-position intensity statistics: a user who turns those off
+        # turns the default flattening off with them (an explicit --bias-flatten still errors)
+        data["bias_flatten"] = "off"
     return MethodParams.from_dict(data)
 
 
@@ -202,13 +208,23 @@ def fit_position_stats(model: AnomalyModel, volumes: Sequence[PreparedVolume], *
     training volumes, and of their intensities when the method fuses intensity."""
     step = max(1, int(math.ceil(len(volumes) / POSITION_STATS_MAX_VOLUMES)))
     chosen = list(volumes)[::step]
-    maps = [score_prepared(model, v, device=device, cancel=cancel, normalise=False) for v in chosen]
     masks, indices = [v.masks for v in chosen], [v.slice_indices for v in chosen]
     intensity = None
     if model.method.fuse_intensity > 0:
         # a global term is the same statistics on a single bin: one mean/std of the brain
         grid = (1, 1, 1) if intensity_term_is_global(model.method.intensity_term) else DEFAULT_GRID
         intensity = PositionStats.fit([v.images for v in chosen], masks, indices, grid=grid)
+        if model.method.bias_flatten != "off":
+            # a second pass on the flattened images: the statistics then describe anatomy,
+            # not anatomy plus the training scans' bias fields
+            intensity = PositionStats.fit([flatten_bias(v.images, v.masks, v.slice_indices, intensity) for v in chosen],
+                                          masks, indices, grid=grid)
+    saved = model.intensity_stats
+    model.intensity_stats = intensity  # score_prepared flattens the network's input with them
+    try:
+        maps = [score_prepared(model, v, device=device, cancel=cancel, normalise=False) for v in chosen]
+    finally:
+        model.intensity_stats = saved
     return PositionStats.fit(maps, masks, indices), intensity
 
 
