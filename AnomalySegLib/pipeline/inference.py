@@ -53,7 +53,9 @@ def score_prepared(
         configure_cpu_threads()
     images = prepared.images
     flatten = model.method.bias_flatten
-    if flatten != "off" and model.intensity_stats is not None:
+    # needed for the network's input ("all") or for the fused intensity term (normalised maps only)
+    needed = flatten == "all" or (flatten == "intensity" and normalise and model.method.fuse_intensity > 0)
+    if needed and model.intensity_stats is not None:
         # one field per scan, against the healthy intensity at each position (data/bias_flatten.py)
         images = flatten_bias(images, prepared.masks, prepared.slice_indices, model.intensity_stats)
     network_input = images if flatten == "all" else prepared.images
