@@ -57,8 +57,9 @@ def fit_bias_field(images: np.ndarray, masks: np.ndarray, slice_indices: np.ndar
                    reference: PositionStats, *, seed: int = 0) -> np.ndarray:
     """Multiplicative field ``[N, S, S]`` (float32, 1 = no change) of model-space ``images``.
 
-    ``reference`` holds the healthy mean intensity per position. Returns all ones when
-    the brain has too few usable pixels for a fit.
+    ``reference`` holds the healthy mean intensity per position; ``seed`` offsets the even
+    subsample taken when more than :data:`MAX_FIT_PIXELS` pixels are usable. Returns all
+    ones when the brain has too few usable pixels for a fit.
     """
     images = np.asarray(images, dtype=np.float32)
     masks = np.asarray(masks, dtype=bool)
