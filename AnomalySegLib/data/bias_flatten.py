@@ -13,9 +13,12 @@ trend -- does not pull it: a quadratic over the whole brain cannot bend into a t
 
 from __future__ import annotations
 
+from typing import Sequence, Tuple
+
 import numpy as np
 
-from ..model.position_stats import PositionStats, slice_positions
+from ..model.position_stats import DEFAULT_GRID, PositionStats, slice_positions
+from .preprocessing import PreparedVolume
 
 #: Polynomial degree of the log field in the three normalised coordinates (quadratic:
 #: 10 terms, the usual order of a scanner's receive-coil field over a head).
@@ -113,3 +116,14 @@ def flatten_bias(images: np.ndarray, masks: np.ndarray, slice_indices: np.ndarra
                  reference: PositionStats) -> np.ndarray:
     """``images`` divided by their :func:`fit_bias_field` (a new float32 array; 0 stays 0)."""
     return (np.asarray(images, dtype=np.float32) / fit_bias_field(images, masks, slice_indices, reference)).astype(np.float32)
+
+
+def fit_flattened_intensity_stats(volumes: Sequence[PreparedVolume],
+                                  grid: Tuple[int, int, int] = DEFAULT_GRID) -> PositionStats:
+    """Healthy intensity statistics of bias-flattened images, in two passes: fitted on the
+    raw images, used to flatten them, fitted again on the flattened images -- so they
+    describe anatomy, not anatomy plus the healthy scans' own fields."""
+    masks, indices = [v.masks for v in volumes], [v.slice_indices for v in volumes]
+    raw = PositionStats.fit([v.images for v in volumes], masks, indices, grid=grid)
+    return PositionStats.fit([flatten_bias(v.images, v.masks, v.slice_indices, raw) for v in volumes],
+                             masks, indices, grid=grid)

@@ -31,7 +31,7 @@ from ..segmentation.calibration import Calibration, default_percentile, resolve_
 from ..errors import InputError
 from ..io.geometry import voxel_volume_ml
 from .inference import VolumeScores, scores_on_volume_grid
-from ..data.bias_flatten import flatten_bias
+from ..data.bias_flatten import fit_flattened_intensity_stats, flatten_bias
 from ..model.position_stats import PositionStats
 from ..segmentation.postprocess import (DEFAULT_MAX_FALSE_COMPONENTS, DEFAULT_MIN_COMPONENT_ML,
                                         standardisation_stages, standardise_scan)
@@ -178,17 +178,11 @@ class IntensityBaseline:
         if not healthy:
             raise InputError("the intensity baseline needs at least one healthy volume to calibrate on")
         prepared = self._prepare_all(healthy, progress, cancel, "calibrate")
-        ref = None
-        if self.bias_flatten:
+        if self.bias_flatten or self.mode != "bright":  # both are fitted on the reference volumes
             ref = prepared if reference is None else self._prepare_all(reference, None, cancel, "prepare")
-            # two passes, as fit_position_stats does for a model: the second on flattened images
-            stats = PositionStats.fit([p.images for p in ref], [p.masks for p in ref], [p.slice_indices for p in ref])
-            self.flatten_stats = PositionStats.fit(
-                [flatten_bias(p.images, p.masks, p.slice_indices, stats) for p in ref],
-                [p.masks for p in ref], [p.slice_indices for p in ref])
+        if self.bias_flatten:
+            self.flatten_stats = fit_flattened_intensity_stats(ref)  # as a model's (fit_position_stats)
         if self.mode != "bright":
-            if ref is None:
-                ref = prepared if reference is None else self._prepare_all(reference, None, cancel, "prepare")
             pixels = np.concatenate([p.images[p.masks] for p in ref])
             self.healthy_median = float(np.median(pixels))
             if self.mode == "zscore":

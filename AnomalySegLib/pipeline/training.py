@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..data.preprocessing import PreparedVolume, PreprocessConfig, prepare_volume
-from ..data.bias_flatten import flatten_bias
+from ..data.bias_flatten import fit_flattened_intensity_stats
 from ..errors import AnomalySegError, InputError
 from ..io.volume_io import Volume, read_volume
 from ..model.bundle import AnomalyModel, load_model
@@ -213,12 +213,10 @@ def fit_position_stats(model: AnomalyModel, volumes: Sequence[PreparedVolume], *
     if model.method.fuse_intensity > 0:
         # a global term is the same statistics on a single bin: one mean/std of the brain
         grid = (1, 1, 1) if intensity_term_is_global(model.method.intensity_term) else DEFAULT_GRID
-        intensity = PositionStats.fit([v.images for v in chosen], masks, indices, grid=grid)
         if model.method.bias_flatten != "off":
-            # a second pass on the flattened images: the statistics then describe anatomy,
-            # not anatomy plus the training scans' bias fields
-            intensity = PositionStats.fit([flatten_bias(v.images, v.masks, v.slice_indices, intensity) for v in chosen],
-                                          masks, indices, grid=grid)
+            intensity = fit_flattened_intensity_stats(chosen, grid=grid)
+        else:
+            intensity = PositionStats.fit([v.images for v in chosen], masks, indices, grid=grid)
     saved = model.intensity_stats
     model.intensity_stats = intensity  # score_prepared flattens the network's input with them
     try:
