@@ -49,6 +49,11 @@ SCAN_NORMALISATIONS = ("off", "interdecile", "upper", "terms-interdecile", "term
 #: (the fusion's intensity term only) or ``all`` (the network's input too).
 BIAS_FLATTENING = ("off", "intensity", "all")
 
+#: Shape of the fitted bias field (``MethodParams.bias_field``): ``quadratic`` (10 terms over
+#: the brain) or ``spline`` (a penalised cubic B-spline, ~45 mm knots, for fields with
+#: structure a quadratic cannot follow). Both trim outliers (lesions) from the fit.
+BIAS_FIELDS = ("quadratic", "spline")
+
 
 #: Learning-rate schedules of training (``TrainConfig.lr_schedule``): the paper's constant
 #: Adam rate, or a cosine decay to 0 over the run.

@@ -38,7 +38,7 @@ import numpy as np
 
 from AnomalySegLib.errors import AnomalySegError, InputError, OutputError
 from AnomalySegLib.nn.methods import DAE_SMOOTHING_MM, MethodParams
-from AnomalySegLib.settings import SCAN_NORMALISATIONS
+from AnomalySegLib.settings import BIAS_FIELDS, SCAN_NORMALISATIONS
 
 NETWORK_METHODS = ("amcons", "gradcamcons", "vae", "dae")
 BASELINES = {"intensity": "bright", "intensity-abs": "abs", "intensity-dark": "dark", "intensity-zscore": "zscore"}
@@ -121,7 +121,8 @@ def build_method(method: str, train: Sequence[Path], calibration: Sequence[Path]
                                    smoothing_mm=args.baseline_smoothing,
                                    scan_normalise=args.baseline_scan_normalise,
                                    grow_percentile=args.baseline_grow_percentile,
-                                   bias_flatten=args.baseline_bias_flatten == "on")
+                                   bias_flatten=args.baseline_bias_flatten == "on",
+                                   bias_field=args.baseline_bias_field)
         scorer.fit(calibration, reference=train)
         return scorer, {"seconds_fit": round(time.perf_counter() - started, 2),
                         "calibration_volumes": len(calibration), "healthy_median": scorer.healthy_median}
@@ -429,6 +430,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    default="off" if MethodParams.defaults("dae").bias_flatten == "off" else "on",
                    help="divide out each scan's smooth bias field before the intensity baselines score it "
                         "(default: as the dae)")
+    p.add_argument("--baseline-bias-field", choices=BIAS_FIELDS, default=MethodParams.defaults("dae").bias_field,
+                   help="shape of the baselines' flattened field (default: the dae's)")
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one training run per seed (paper: 3)")

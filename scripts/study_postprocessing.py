@@ -86,14 +86,15 @@ def evaluate_variant(model, overrides: dict, train, cal, data: dict, device: str
     # a baseline only depends on the smoothing, the scan standardisation and the mask's growth:
     # evaluate it once per combination
     post = (variant.method.smoothing_mm, variant.method.scan_normalise, variant.method.grow_percentile,
-            variant.method.bias_flatten != "off")
+            variant.method.bias_flatten != "off", variant.method.bias_field)
     scorers = [("model", variant)]
     for name in baselines:
         if (name,) + post in cache:
             out["kinds"][name] = cache[(name,) + post]
             continue
         baseline = IntensityBaseline(bench.BASELINES[name], variant.preprocessing, smoothing_mm=post[0],
-                                     scan_normalise=post[1], grow_percentile=post[2], bias_flatten=post[3])
+                                     scan_normalise=post[1], grow_percentile=post[2], bias_flatten=post[3],
+                                     bias_field=post[4])
         baseline.fit(list(cal), reference=list(train))
         scorers.append((name, baseline))
     for name, scorer in scorers:

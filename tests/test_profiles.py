@@ -6,6 +6,7 @@ import pytest
 
 from AnomalySegLib.cli.commands import main
 from AnomalySegLib.pipeline.profiles import DEFAULT_METHOD, LEARNING_RATES, PROFILES, profile_settings, resolve_profile
+from AnomalySegLib.nn.methods import MethodParams
 
 
 def test_auto_profile_follows_the_device():
@@ -83,6 +84,10 @@ def test_intensity_term_and_scan_normalise_flags_reach_the_training_settings(syn
     code = main(["train", *map(str, synthetic_cohort["healthy"][:2]), "-o", str(tmp_path / "m.pt"), "--quiet",
                  "--grow-percentile", "99.5", "--device", "cpu"])
     assert code == 1 and seen["params"].grow_percentile == 99.5
+    assert seen["params"].bias_field == MethodParams.defaults("dae").bias_field
+    code = main(["train", *map(str, synthetic_cohort["healthy"][:2]), "-o", str(tmp_path / "m.pt"), "--quiet",
+                 "--bias-flatten", "all", "--bias-field", "spline", "--device", "cpu"])
+    assert code == 1 and (seen["params"].bias_flatten, seen["params"].bias_field) == ("all", "spline")
     capsys.readouterr()
     code = main(["train", *map(str, synthetic_cohort["healthy"][:2]), "-o", str(tmp_path / "m.pt"), "--quiet",
                  "--grow-percentile", "100", "--device", "cpu"])

@@ -24,7 +24,7 @@ from .. import __version__
 from . import evaluate as evaluate_command
 from .args import fraction, image_size, nonempty_path, percentile, positive_int, seed
 from ..errors import AnomalySegError, ModelFileError, OutputError
-from ..settings import BIAS_FLATTENING, INTENSITY_TERMS, LR_SCHEDULES, SCAN_NORMALISATIONS
+from ..settings import BIAS_FIELDS, BIAS_FLATTENING, INTENSITY_TERMS, LR_SCHEDULES, SCAN_NORMALISATIONS
 
 PROG = "anomalyseg"
 
@@ -160,7 +160,7 @@ def _train(args, output: Path, checkpoint: Path, volumes) -> int:
 
     overrides = {k: getattr(args, k) for k in ("beta", "lambda_h", "t", "p", "lambda_s", "warmup_epochs",
                                                "intensity_term", "bias_augmentation", "scan_normalise",
-                                               "grow_percentile", "bias_flatten")
+                                               "grow_percentile", "bias_flatten", "bias_field")
                  if getattr(args, k) is not None}
     device_type = resolve_device(args.device).type
     init = None
@@ -416,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dae: divide out each scan's smooth bias field, fitted against the healthy intensity at "
                         "each position, before scoring: off, intensity (the fused intensity term only) or all "
                         "(the network's input too); default: the method's")
+    p.add_argument("--bias-field", choices=BIAS_FIELDS, default=None,
+                   help="dae: shape of the flattened field: quadratic, or spline (a smooth field with ~45 mm "
+                        "knots, for fields a quadratic cannot follow); default: the method's")
     p.add_argument("--grow-percentile", type=float, default=None, metavar="P",
                    help="mask hysteresis: regions flagged at the operating threshold extend to connected brain "
                         "voxels above the healthy P-th percentile (0 = off, as the paper; default: the method's)")

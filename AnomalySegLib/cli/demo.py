@@ -164,6 +164,7 @@ def run_demo(
                                  min_component_ml=model.calibration.min_component_ml,
                                  max_false_components=model.calibration.max_false_components,
                                  bias_flatten=model.method.bias_flatten != "off",
+                                 bias_field=model.method.bias_field,
                                  ).fit(cal_volumes, reference=[p for p in healthy if p not in cal_volumes] or None)
     intensity = evaluate_model(baseline, tests, labels, output_dir=out / "evaluation" / "intensity",
                                overwrite=True, n_overlays=1)

@@ -40,7 +40,7 @@ from .losses import (
 )
 from .networks import ConvVAE
 from .unet import UNet
-from ..settings import BIAS_FLATTENING, INTENSITY_TERMS, METHOD_NAMES, SCAN_NORMALISATIONS, JsonSettings, check_percentile
+from ..settings import BIAS_FIELDS, BIAS_FLATTENING, INTENSITY_TERMS, METHOD_NAMES, SCAN_NORMALISATIONS, JsonSettings, check_percentile
 
 __all__ = [
     "METHODS",
@@ -131,6 +131,9 @@ class MethodParams(JsonSettings):
     #: it), ``intensity`` (the fusion's intensity term only) or ``all`` (the network's
     #: input too). Needs per-position intensity statistics (fusion on).
     bias_flatten: str = "off"
+    #: Shape of the flattened field (:data:`~AnomalySegLib.settings.BIAS_FIELDS`):
+    #: ``quadratic`` (files without it) or ``spline``.
+    bias_field: str = "quadratic"
 
     def __post_init__(self) -> None:
         _check_method(self.method)
@@ -168,6 +171,9 @@ class MethodParams(JsonSettings):
         if self.bias_flatten not in BIAS_FLATTENING:
             raise ValueError(f"MethodParams.bias_flatten must be one of {', '.join(BIAS_FLATTENING)}, "
                              f"got {self.bias_flatten!r}")
+        if self.bias_field not in BIAS_FIELDS:
+            raise ValueError(f"MethodParams.bias_field must be one of {', '.join(BIAS_FIELDS)}, "
+                             f"got {self.bias_field!r}")
         if self.bias_flatten != "off" and (self.fuse_intensity <= 0 or intensity_term_is_global(self.intensity_term)):
             raise ValueError("MethodParams.bias_flatten needs the per-position intensity statistics "
                              "(fuse_intensity > 0 with a *-position intensity term)")

@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from .. import __version__
-from ..settings import SCAN_NORMALISATIONS, check_percentile
+from ..settings import BIAS_FIELDS, SCAN_NORMALISATIONS, check_percentile
 from ..segmentation.calibration import Calibration, default_percentile, resolve_percentile
 from ..errors import InputError
 from ..io.geometry import voxel_volume_ml
@@ -60,7 +60,8 @@ class IntensityBaseline:
                  *, healthy_median: Optional[float] = None, calibration: Optional[Calibration] = None,
                  default_percentile: float = 98.0, smoothing_mm: float = 0.0, scan_normalise: str = "off",
                  min_component_ml: Optional[float] = None, max_false_components: Optional[float] = None,
-                 grow_percentile: float = 0.0, bias_flatten: bool = False) -> None:
+                 grow_percentile: float = 0.0, bias_flatten: bool = False,
+                 bias_field: str = "quadratic") -> None:
         if mode not in INTENSITY_MODES:
             raise ValueError(f"unknown intensity mode {mode!r}; choose one of {', '.join(INTENSITY_MODES)}")
         if mode in ("dark", "abs") and calibration is not None and healthy_median is None:
@@ -81,6 +82,10 @@ class IntensityBaseline:
         #: divide out each scan's smooth bias field against the healthy intensity per position
         #: (as a model with MethodParams.bias_flatten; statistics fitted on the reference volumes)
         self.bias_flatten = bool(bias_flatten)
+        if bias_field not in BIAS_FIELDS:
+            raise ValueError(f"bias_field must be one of {', '.join(BIAS_FIELDS)}, got {bias_field!r}")
+        #: the flattened field's shape (as MethodParams.bias_field)
+        self.bias_field = bias_field
         self.flatten_stats: Optional[PositionStats] = None
         self.min_component_ml = DEFAULT_MIN_COMPONENT_ML if min_component_ml is None else float(min_component_ml)
         self.max_false_components = (DEFAULT_MAX_FALSE_COMPONENTS if max_false_components is None
@@ -104,7 +109,7 @@ class IntensityBaseline:
         if self.scan_normalise != "off":  # digests of baselines without it stay as they were
             identity += (self.scan_normalise,)
         if self.bias_flatten:
-            identity += ("bias_flatten",)
+            identity += ("bias_flatten",) if self.bias_field == "quadratic" else ("bias_flatten", self.bias_field)
         digest = hashlib.sha256(repr(identity).encode())
         if self.calibration is not None:
             digest.update(np.asarray(self.calibration.values, dtype=np.float64).tobytes())
@@ -131,7 +136,7 @@ class IntensityBaseline:
         if self.bias_flatten:
             if self.flatten_stats is None:
                 raise InputError(f"the {self.name} baseline is not fitted: call fit() on healthy volumes first")
-            images = flatten_bias(images, prepared.masks, prepared.slice_indices, self.flatten_stats)
+            images = flatten_bias(images, prepared.masks, prepared.slice_indices, self.flatten_stats, self.bias_field)
         scores = self._transform(images)
         scores[~prepared.masks] = 0.0
         return standardise_scan(scores, prepared.masks, standardisation_stages(self.scan_normalise)[0])
@@ -181,7 +186,7 @@ class IntensityBaseline:
         if self.bias_flatten or self.mode != "bright":  # both are fitted on the reference volumes
             ref = prepared if reference is None else self._prepare_all(reference, None, cancel, "prepare")
         if self.bias_flatten:
-            self.flatten_stats = fit_flattened_intensity_stats(ref)  # as a model's (fit_position_stats)
+            self.flatten_stats = fit_flattened_intensity_stats(ref, model=self.bias_field)  # as a model's (fit_position_stats)
         if self.mode != "bright":
             pixels = np.concatenate([p.images[p.masks] for p in ref])
             self.healthy_median = float(np.median(pixels))
@@ -227,6 +232,7 @@ class IntensityBaseline:
             "calibration": None if self.calibration is None else self.calibration.to_dict(),
             "position_stats": None if self.position_stats is None else self.position_stats.to_dict(),
             "bias_flatten": self.bias_flatten,
+            "bias_field": self.bias_field,
             "flatten_stats": None if self.flatten_stats is None else self.flatten_stats.to_dict(),
         }
 
@@ -248,6 +254,7 @@ class IntensityBaseline:
             min_component_ml=data.get("min_component_ml"),
             max_false_components=data.get("max_false_components"),
             bias_flatten=bool(data.get("bias_flatten", False)),
+            bias_field=str(data.get("bias_field", "quadratic")),
         )
         flat = data.get("flatten_stats")
         baseline.flatten_stats = PositionStats.from_dict(flat) if flat else None

@@ -57,7 +57,8 @@ def score_prepared(
     needed = flatten == "all" or (flatten == "intensity" and normalise and model.method.fuse_intensity > 0)
     if needed and model.intensity_stats is not None:
         # one field per scan, against the healthy intensity at each position (data/bias_flatten.py)
-        images = flatten_bias(images, prepared.masks, prepared.slice_indices, model.intensity_stats)
+        images = flatten_bias(images, prepared.masks, prepared.slice_indices, model.intensity_stats,
+                              model.method.bias_field)
     network_input = images if flatten == "all" else prepared.images
     count = len(images)
     out = np.zeros(images.shape, dtype=np.float32)

@@ -214,7 +214,7 @@ def fit_position_stats(model: AnomalyModel, volumes: Sequence[PreparedVolume], *
         # a global term is the same statistics on a single bin: one mean/std of the brain
         grid = (1, 1, 1) if intensity_term_is_global(model.method.intensity_term) else DEFAULT_GRID
         if model.method.bias_flatten != "off":
-            intensity = fit_flattened_intensity_stats(chosen, grid=grid)
+            intensity = fit_flattened_intensity_stats(chosen, grid=grid, model=model.method.bias_field)
         else:
             intensity = PositionStats.fit([v.images for v in chosen], masks, indices, grid=grid)
     saved = model.intensity_stats

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable, Optional, Sequence, TextIO
+from typing import Any, Callable, Optional, Sequence, TextIO
 
 from .. import errors
 from .protocol import EXIT_CANCELLED, EXIT_OK, PathLike, error_from_message, json_default
