@@ -55,6 +55,9 @@ BIAS_FLATTENING = ("off", "intensity", "all")
 BIAS_FIELDS = ("quadratic", "spline")
 
 
+#: Default of ``TrainConfig.calibrate_with_training`` (chosen in stop 20: docs/BENCHMARKS.md).
+CALIBRATE_WITH_TRAINING_DEFAULT = False
+
 #: Learning-rate schedules of training (``TrainConfig.lr_schedule``): the paper's constant
 #: Adam rate, or a cosine decay to 0 over the run.
 LR_SCHEDULES = ("constant", "cosine")

@@ -25,6 +25,7 @@ from scipy import stats
 from AnomalySegLib.io.geometry import voxel_volume_ml
 from AnomalySegLib.io.volume_io import read_volume
 from AnomalySegLib.model.bundle import load_model
+from AnomalySegLib.pipeline.training import position_stats_indices
 from AnomalySegLib.segmentation.calibration import TABLE_PERCENTILES
 from AnomalySegLib.segmentation.postprocess import count_components, min_component_voxels, threshold_mask
 
@@ -40,9 +41,16 @@ def main() -> int:
     model = load_model(args.model)
     cal = model.calibration
     cal_names = set(model.training.get("calibration_names") or [])
-    sets = {"calibration": [q for q in sorted((args.data / "healthy").glob("*.nii.gz")) if q.name in cal_names],
+    healthy = sorted((args.data / "healthy").glob("*.nii.gz"))
+    training = [q for q in healthy if q.name not in cal_names]
+    # the training volumes the position statistics were fitted on (fit_position_stats' choice)
+    in_stats = set(position_stats_indices(len(training)))
+    sets = {"calibration": [q for q in healthy if q.name in cal_names],
             "lesion_free": sorted(q for q in (args.data / "lesion_free").glob("*.nii.gz") if "_label" not in q.name),
-            "fresh": sorted((args.fresh / "healthy").glob("*.nii.gz"))}
+            "fresh": sorted((args.fresh / "healthy").glob("*.nii.gz")),
+            # scans the network was trained on: could they calibrate too? (in the statistics / not)
+            "training_in_stats": [q for i, q in enumerate(training) if i in in_stats],
+            "training_other": [q for i, q in enumerate(training) if i not in in_stats]}
     if not sets["calibration"]:
         p.error(f"none of the model's calibration scans is in {args.data / 'healthy'}")
     maps = {}
@@ -71,12 +79,17 @@ def main() -> int:
                "calibration_loo": [count(m, thr(scores[:i] + scores[i + 1:], q))
                                    for i, m in enumerate(maps["calibration"])],
                "lesion_free": [count(m, t) for m in maps["lesion_free"]],
-               "fresh": [count(m, t) for m in maps["fresh"]]}
+               "fresh": [count(m, t) for m in maps["fresh"]],
+               "training_in_stats": [count(m, t) for m in maps["training_in_stats"]],
+               "training_other": [count(m, t) for m in maps["training_other"]]}
         rows.append(row)
         print(f"p{q:<8g} threshold {t:.3f}  false blobs / scan: calibration {np.mean(row['calibration']):.2f} "
               f"(leave-one-out {np.mean(row['calibration_loo']):.2f}, {len(scores)} scans)  "
               f"lesion-free {np.mean(row['lesion_free']):.2f} ({len(maps['lesion_free'])})  "
-              f"fresh {np.mean(row['fresh']):.2f} ({len(maps['fresh'])})", flush=True)
+              f"fresh {np.mean(row['fresh']):.2f} ({len(maps['fresh'])})  "
+              f"training: in the statistics {np.mean(row['training_in_stats']):.2f} "
+              f"({len(maps['training_in_stats'])}), other {np.mean(row['training_other']):.2f} "
+              f"({len(maps['training_other'])})", flush=True)
     op = next((r for r in rows if r["percentile"] == cal.operating_percentile), None)
     if op is not None:
         upper = stats.chi2.ppf(0.9, 2 * (sum(op["fresh"]) + 1)) / (2 * len(op["fresh"]))

@@ -197,3 +197,27 @@ def test_baseline_mask_growth_is_the_models_rule(cohort):
     assert IntensityBaseline.from_dict(legacy).grow_percentile == 0.0
     with pytest.raises(ValueError, match="grow percentile"):
         IntensityBaseline("bright", CFG, grow_percentile=100.0)
+
+
+def test_a_baseline_like_a_model_takes_its_post_processing_and_rule():
+    import types
+
+    from AnomalySegLib.data.preprocessing import PreprocessConfig
+    from AnomalySegLib.nn.methods import MethodParams
+    from AnomalySegLib.pipeline.baselines import IntensityBaseline
+
+    method = MethodParams.from_dict({**MethodParams.defaults("dae").to_dict(), "bias_flatten": "all",
+                                     "bias_field": "spline", "grow_percentile": 99.5, "smoothing_mm": 3.0})
+    calibration = types.SimpleNamespace(min_component_ml=0.25, max_false_components=0.5)
+    model = types.SimpleNamespace(preprocessing=PreprocessConfig(image_size=64), method=method, calibration=calibration)
+    base = IntensityBaseline.like_model(model, "dark")
+    assert (base.mode, base.preprocessing.image_size, base.smoothing_mm, base.scan_normalise, base.grow_percentile) == \
+        ("dark", 64, 3.0, method.scan_normalise, 99.5)
+    assert (base.bias_flatten, base.bias_field, base.min_component_ml, base.max_false_components) == \
+        (True, "spline", 0.25, 0.5)
+    assert base.default_percentile == method.default_percentile
+    # an uncalibrated model: the library's default budget and minimum volume, flattening off with the model's
+    model.calibration = None
+    model.method = MethodParams.defaults("amcons")
+    plain = IntensityBaseline.like_model(model)
+    assert not plain.bias_flatten and plain.min_component_ml == IntensityBaseline().min_component_ml

@@ -322,3 +322,24 @@ def test_evaluate_cli_with_a_trained_model(tmp_path, capsys):
     assert code == 0 and json.loads((tmp_path / "ev3" / "results.json").read_text())["method"] == "intensity"
     with pytest.raises(SystemExit):
         cli.main(["evaluate", "--images", str(test), "-o", str(tmp_path / "ev4")])  # neither --model nor --baseline
+    # the fair baseline: the model's preprocessing, post-processing and rule, scores from intensity
+    from AnomalySegLib.pipeline.baselines import IntensityBaseline
+
+    calibration = sorted(p for p in (tmp_path / "c" / "healthy").glob("*.nii.gz"))
+    code = cli.main(["evaluate", "--baseline", "intensity", "--baseline-like", str(tmp_path / "m.pt"),
+                     "--calibration-images", str(tmp_path / "c" / "healthy"), "--images", str(test),
+                     "-o", str(tmp_path / "ev5"), "-q"])
+    assert code == 0
+    like = json.loads((tmp_path / "ev5" / "results.json").read_text())
+    direct = ev_harness.evaluate_model(IntensityBaseline.like_model(model).fit(calibration), images,
+                                       [ev_labels.find_label(p) for p in images], device="cpu")
+    assert like["pooled"]["auprc"] == pytest.approx(direct["pooled"]["auprc"])
+    assert like["threshold"] == pytest.approx(direct["threshold"]) and like["source"].endswith("as " + str(tmp_path / "m.pt"))
+    for bad, message in ((["--reference-images", str(tmp_path / "c" / "healthy")], "--baseline-like"),
+                         (["--baseline-like", str(tmp_path / "m.pt"), "--image-size", "64"], "preprocessing is the model's")):
+        assert cli.main(["evaluate", "--baseline", "intensity", "--calibration-images", str(tmp_path / "c" / "healthy"),
+                         "--images", str(test), "-o", str(tmp_path / "ev6"), "-q", *bad]) == 1
+        assert message in capsys.readouterr().err and not (tmp_path / "ev6").exists()
+    assert cli.main(["evaluate", "--model", str(tmp_path / "m.pt"), "--baseline-like", str(tmp_path / "m.pt"),
+                     "--images", str(test), "-o", str(tmp_path / "ev6"), "-q"]) == 1
+    assert "options of --baseline" in capsys.readouterr().err

@@ -292,3 +292,28 @@ def test_checkpoint_written_before_the_lr_schedule_setting_resumes_as_constant(s
     as_written_before_the_setting()
     with pytest.raises(ModelFileError, match="different training run"):
         train_model(small_volumes, TrainConfig(**{**FAST, "lr_schedule": "cosine"}), checkpoint=ckpt, resume=True)
+
+
+def test_calibrating_with_the_training_volumes_outside_the_position_statistics(small_volumes, monkeypatch):
+    import AnomalySegLib.pipeline.training as training
+    from AnomalySegLib.pipeline.calibrate import calibrate
+
+    # 3 training volumes, statistics on every second one (0 and 2): volume 1 of the training
+    # split calibrates too, with the held-out one
+    assert training.position_stats_indices(32) == list(range(0, 32, 2))  # the CPU default: 16 of 32
+    monkeypatch.setattr(training, "POSITION_STATS_MAX_VOLUMES", 2)
+    assert training.position_stats_indices(3) == [0, 2]
+    config = TrainConfig(**{**FAST, "calibration_fraction": 0.25, "calibrate_with_training": True})
+    model = train_model(small_volumes, config)
+    train_idx, cal_idx = split_volumes(4, 0.25, FAST["seed"])
+    extra = small_volumes[train_idx[1]]
+    assert model.training["calibration_training_names"] == [extra.path.name]
+    assert model.calibration.n_volumes == 2 and "1 training volume(s) outside the position statistics" in \
+        model.calibration.source
+    direct = calibrate(model, [small_volumes[cal_idx[0]], extra], device="cpu")
+    np.testing.assert_allclose(model.calibration.values, direct.values, rtol=1e-6)
+    assert model.calibration.operating_percentile == direct.operating_percentile
+    # off: the held-out volume alone, as before
+    plain = train_model(small_volumes, TrainConfig(**{**FAST, "calibration_fraction": 0.25,
+                                                      "calibrate_with_training": False}))
+    assert plain.calibration.n_volumes == 1 and plain.training["calibration_training_names"] == []

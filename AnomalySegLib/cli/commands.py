@@ -24,7 +24,8 @@ from .. import __version__
 from . import evaluate as evaluate_command
 from .args import fraction, image_size, nonempty_path, percentile, positive_int, seed
 from ..errors import AnomalySegError, ModelFileError, OutputError
-from ..settings import BIAS_FIELDS, BIAS_FLATTENING, INTENSITY_TERMS, LR_SCHEDULES, SCAN_NORMALISATIONS
+from ..settings import (BIAS_FIELDS, BIAS_FLATTENING, CALIBRATE_WITH_TRAINING_DEFAULT, INTENSITY_TERMS, LR_SCHEDULES,
+                        SCAN_NORMALISATIONS)
 
 PROG = "anomalyseg"
 
@@ -182,7 +183,9 @@ def _train(args, output: Path, checkpoint: Path, volumes) -> int:
     config = TrainConfig(**settings, latent_dim=args.latent_dim, attention_stage=args.attention_stage,
                          seed=args.seed, device=args.device, amp=not args.no_amp, compile=args.compile,
                          calibration_fraction=args.calibration_fraction, method_overrides=overrides,
-                         preprocessing_overrides=preprocessing)
+                         preprocessing_overrides=preprocessing,
+                         **({} if args.calibrate_with_training is None
+                            else {"calibrate_with_training": args.calibrate_with_training}))
     from ..nn.speed import mixed_precision_training
 
     mixed = mixed_precision_training(resolve_device(args.device), config.amp)
@@ -398,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoder stage whose activations form the attention map (1 = first residual block)")
     p.add_argument("--calibration-fraction", type=fraction, default=0.2,
                    help="share of healthy volumes held out for threshold calibration")
+    p.add_argument("--calibrate-with-training", action=argparse.BooleanOptionalAction, default=None,
+                   help="also calibrate the threshold and false-blob budget on the training volumes the position "
+                        "statistics were not fitted on (more scans, a tighter budget margin; default: "
+                        + ("on" if CALIBRATE_WITH_TRAINING_DEFAULT else "off") + ")")
     for name, help_text in (("beta", "KL weight"), ("lambda_h", "entropy weight (amcons)"),
                             ("t", "log-barrier t (gradcamcons)"), ("p", "size margin p (gradcamcons)"),
                             ("lambda_s", "size-constraint weight (gradcamcons)")):

@@ -156,16 +156,11 @@ def run_demo(
     # the baseline gets the model's per-scan standardisation, smoothing, bias flattening (its
     # statistics from the training volumes), minimum lesion size and operating-point rule,
     # calibrated on the same held-out healthy volumes as the model
-    cal_names = set(model.training.get("calibration_names") or [])
+    cal_names = set(model.training.get("calibration_names") or []) | set(
+        model.training.get("calibration_training_names") or [])  # the model's calibration volumes, all of them
     cal_volumes = [p for p in healthy if p.name in cal_names] or healthy[: max(1, len(healthy) // 4)]
-    baseline = IntensityBaseline("bright", model.preprocessing, smoothing_mm=model.method.smoothing_mm,
-                                 scan_normalise=model.method.scan_normalise,
-                                 grow_percentile=model.method.grow_percentile,
-                                 min_component_ml=model.calibration.min_component_ml,
-                                 max_false_components=model.calibration.max_false_components,
-                                 bias_flatten=model.method.bias_flatten != "off",
-                                 bias_field=model.method.bias_field,
-                                 ).fit(cal_volumes, reference=[p for p in healthy if p not in cal_volumes] or None)
+    baseline = IntensityBaseline.like_model(model).fit(
+        cal_volumes, reference=[p for p in healthy if p not in cal_volumes] or None)
     intensity = evaluate_model(baseline, tests, labels, output_dir=out / "evaluation" / "intensity",
                                overwrite=True, n_overlays=1)
 

@@ -22,6 +22,8 @@ from .args import fraction, nonempty_path, percentile, positive_int
 from ..errors import InputError
 
 LABEL_PATTERN = "{name}_label.nii.gz"
+#: The baseline's slice size unless --baseline-like gives it a model's (the paper's size).
+IMAGE_SIZE_DEFAULT = 224
 
 
 def _pattern(text: str) -> str:
@@ -54,9 +56,17 @@ def register(subparsers: Any) -> None:
                    help="fraction of a lesion that must be predicted to count as detected (default: any voxel)")
     p.add_argument("--calibration-images", metavar="DIR",
                    help="--baseline only: healthy volumes (not test volumes) to calibrate the baseline on")
+    p.add_argument("--baseline-like", metavar="MODEL",
+                   help="--baseline only: give the baseline this model's preprocessing, map smoothing, per-scan "
+                        "standardisation, bias flattening, minimum lesion volume and operating-point rule, so that "
+                        "it differs from the model only in its scores (the fair comparison)")
+    p.add_argument("--reference-images", metavar="DIR",
+                   help="--baseline-like only: healthy volumes for the baseline's healthy intensity statistics "
+                        "(bias flattening, dark/abs median), e.g. the model's training volumes "
+                        "(default: the calibration volumes)")
     p.add_argument("--baseline-mode", choices=("bright", "dark", "abs"), default="bright",
                    help="--baseline only: bright = intensity, dark/abs = below / distance from the healthy median")
-    p.add_argument("--image-size", type=positive_int, default=224,
+    p.add_argument("--image-size", type=positive_int, default=IMAGE_SIZE_DEFAULT,
                    help="--baseline only: preprocessing slice size (as the models; multiple of 32)")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--brain-extraction", choices=("auto", "on", "off"), default=None,
@@ -105,6 +115,16 @@ def collect_test_set(images_dir: str, labels_dir: Optional[str] = None, pattern:
     return images, labels
 
 
+def _check_baseline_options(args: argparse.Namespace) -> None:
+    """Option combinations that cannot work, refused before anything is read or written."""
+    if args.model and (args.baseline_like or args.reference_images):
+        raise InputError("--baseline-like and --reference-images are options of --baseline")
+    if args.reference_images and not args.baseline_like:
+        raise InputError("--reference-images goes with --baseline-like MODEL")
+    if args.baseline_like and (args.bias_correction or args.image_size != IMAGE_SIZE_DEFAULT):
+        raise InputError("with --baseline-like the preprocessing is the model's: drop --bias-correction and --image-size")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``anomalyseg evaluate``; returns the exit code (errors raise AnomalySegError)."""
     from ..evaluation.report import check_report_writable
@@ -114,11 +134,13 @@ def run(args: argparse.Namespace) -> int:
         from ..progress import TextProgressBar
 
         progress = TextProgressBar(sys.stderr)
+    _check_baseline_options(args)
     check_report_writable(args.output_dir, args.overwrite)  # before any heavy work
     images, labels = collect_test_set(args.images, args.labels, args.label_pattern, args.healthy)
 
     if args.model:
         from ..model.bundle import load_model
+
 
         method: Any = load_model(args.model)
         source = str(args.model)
@@ -139,13 +161,30 @@ def run(args: argparse.Namespace) -> int:
         overlap = {p.resolve() for p in calibration} & {p.resolve() for p in images}
         if overlap:
             raise InputError(f"{sorted(overlap)[0].name} is both a calibration and a test volume")
-        try:
-            config = PreprocessConfig(image_size=args.image_size, brain_extraction=args.brain_extraction or "auto",
-                                      bias_correction=bool(args.bias_correction))
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
-        method = IntensityBaseline(args.baseline_mode, config).fit(calibration, progress=progress)
+        reference = None
+        if args.reference_images:
+            reference = _volumes(args.reference_images, args.label_pattern, "reference")
+        if args.baseline_like:
+            from ..model.bundle import load_model
+
+            method = IntensityBaseline.like_model(load_model(args.baseline_like), args.baseline_mode)
+            if args.brain_extraction is not None:
+                import dataclasses
+
+                method.preprocessing = dataclasses.replace(method.preprocessing,
+                                                           brain_extraction=args.brain_extraction)
+        else:
+            try:
+                config = PreprocessConfig(image_size=args.image_size,
+                                          brain_extraction=args.brain_extraction or "auto",
+                                          bias_correction=bool(args.bias_correction))
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+            method = IntensityBaseline(args.baseline_mode, config)
+        method.fit(calibration, reference=reference, progress=progress)
         source = f"baseline intensity ({args.baseline_mode}), calibrated on {args.calibration_images}"
+        if args.baseline_like:
+            source += f", post-processing as {args.baseline_like}"
 
     from ..evaluation.harness import evaluate_model
     from ..evaluation.machine import machine_info

@@ -91,6 +91,20 @@ class IntensityBaseline:
         self.max_false_components = (DEFAULT_MAX_FALSE_COMPONENTS if max_false_components is None
                                      else float(max_false_components))
 
+    @classmethod
+    def like_model(cls, model: Any, mode: str = "bright") -> "IntensityBaseline":
+        """An unfitted baseline with ``model``'s preprocessing, map smoothing, per-scan
+        standardisation, mask growth, bias flattening (same field shape), minimum lesion volume
+        and operating-point rule: a fair comparison differs from the model only in its scores.
+        ``model`` is an :class:`~AnomalySegLib.model.bundle.AnomalyModel` (calibrated or not)."""
+        calibration = getattr(model, "calibration", None)
+        return cls(mode, model.preprocessing, default_percentile=model.method.default_percentile,
+                   smoothing_mm=model.method.smoothing_mm, scan_normalise=model.method.scan_normalise,
+                   grow_percentile=model.method.grow_percentile,
+                   min_component_ml=None if calibration is None else calibration.min_component_ml,
+                   max_false_components=None if calibration is None else calibration.max_false_components,
+                   bias_flatten=model.method.bias_flatten != "off", bias_field=model.method.bias_field)
+
     @property
     def default_percentile(self) -> float:
         """The calibration's operating percentile once fitted, else the starting percentile."""

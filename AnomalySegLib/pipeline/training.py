@@ -32,7 +32,7 @@ from ..nn.methods import (ARCHITECTURE_OF, METHODS, MethodParams, default_warmup
 from ..nn.networks import VAEConfig, build_network
 from ..nn.speed import mixed_precision_training
 from ..progress import CancelCallback, EtaEstimator, ProgressCallback, ProgressEvent, check_cancel, emit
-from ..settings import LR_SCHEDULES, JsonSettings
+from ..settings import CALIBRATE_WITH_TRAINING_DEFAULT, LR_SCHEDULES, JsonSettings
 from .calibrate import calibrate_prepared
 from .inference import score_prepared
 
@@ -73,6 +73,12 @@ class TrainConfig(JsonSettings):
     #: fails (e.g. no C++ compiler).
     compile: bool = False
     calibration_fraction: float = 0.2
+    #: Also calibrate (quantile table and false-blob budget) on the training volumes that the
+    #: position statistics were not fitted on, besides the held-out ones: the budget's
+    #: confidence margin shrinks with more scans, and at the CPU profile the network carries
+    #: as many false blobs on its training scans as on new ones (measured: docs/BENCHMARKS.md,
+    #: stop 20). Files trained before it: False.
+    calibrate_with_training: bool = CALIBRATE_WITH_TRAINING_DEFAULT
     #: Learning rate over the run: ``constant`` (the paper's Adam) or ``cosine`` (decays per
     #: step from ``learning_rate`` to 0 along half a cosine over all the run's steps; a resumed
     #: run given more epochs continues on the longer run's curve). Measured no better than
@@ -202,12 +208,18 @@ def _load_and_prepare(
 POSITION_STATS_MAX_VOLUMES = 16
 
 
+def position_stats_indices(count: int) -> "list[int]":
+    """Which of ``count`` training volumes :func:`fit_position_stats` scores: up to
+    :data:`POSITION_STATS_MAX_VOLUMES`, evenly spread."""
+    step = max(1, int(math.ceil(count / POSITION_STATS_MAX_VOLUMES)))
+    return list(range(0, count, step))
+
+
 def fit_position_stats(model: AnomalyModel, volumes: Sequence[PreparedVolume], *, device,
                        cancel: Optional[CancelCallback] = None) -> "tuple[PositionStats, Optional[PositionStats]]":
     """Healthy per-position statistics of the model's raw maps on (up to 16 evenly spread)
     training volumes, and of their intensities when the method fuses intensity."""
-    step = max(1, int(math.ceil(len(volumes) / POSITION_STATS_MAX_VOLUMES)))
-    chosen = list(volumes)[::step]
+    chosen = [volumes[i] for i in position_stats_indices(len(volumes))]
     masks, indices = [v.masks for v in chosen], [v.slice_indices for v in chosen]
     intensity = None
     if model.method.fuse_intensity > 0:
@@ -492,6 +504,8 @@ class Trainer:
             # file names (no folders) of the held-out healthy volumes, so a baseline or a study
             # can be calibrated on exactly the same ones
             "calibration_names": [Path(self.names[i]).name for i in self.cal_idx],
+            # training volumes calibrated on as well (TrainConfig.calibrate_with_training)
+            "calibration_training_names": [Path(self.names[i]).name for i in self.calibration_training_indices()],
             "seconds": round(time.time() - self._started, 1),
             "device": str(self.device),
             "world_size": self.ddp.world,
@@ -504,6 +518,15 @@ class Trainer:
             "history": self.history,
         }
 
+    def calibration_training_indices(self) -> "list[int]":
+        """Training volumes that also calibrate (:attr:`TrainConfig.calibrate_with_training`):
+        those the position statistics were not fitted on (all of them without statistics);
+        none without a held-out set (then the training volumes calibrate alone)."""
+        if not (self.config.calibrate_with_training and self.cal_idx):
+            return []
+        in_stats = set(position_stats_indices(len(self.train_idx))) if self.params.position_normalise else set()
+        return [i for k, i in enumerate(self.train_idx) if k not in in_stats]
+
     def finish(self, output: Union[str, Path, None] = None, *, overwrite: bool = True) -> AnomalyModel:
         """The model: position statistics, calibration on the held-out volumes, saved (rank 0)."""
         self.network.eval()
@@ -515,10 +538,13 @@ class Trainer:
             if self.params.position_normalise:
                 model.position_stats, model.intensity_stats = fit_position_stats(
                     model, [prepared[i] for i in train_idx], device=self.device, cancel=self.cancel)
-            cal_set = [prepared[i] for i in cal_idx] or [prepared[i] for i in train_idx]
+            extra_idx = self.calibration_training_indices()
+            cal_set = [prepared[i] for i in (cal_idx + extra_idx)] or [prepared[i] for i in train_idx]
             source_names = [names[i] for i in (cal_idx or train_idx)]
             source = ("held-out healthy volumes: " if cal_idx else "TRAINING volumes (no held-out volume available): ") \
                 + ", ".join(Path(n).name for n in source_names[:5]) + (" ..." if len(source_names) > 5 else "")
+            if extra_idx:
+                source += f" + {len(extra_idx)} training volume(s) outside the position statistics"
             model.calibration = calibrate_prepared(model, cal_set, device=self.device, source=source,
                                                    progress=self.progress, cancel=self.cancel)
             if output is not None:
