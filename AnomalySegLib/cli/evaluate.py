@@ -115,6 +115,18 @@ def collect_test_set(images_dir: str, labels_dir: Optional[str] = None, pattern:
     return images, labels
 
 
+def _load_model(path: str, brain_extraction: Optional[str]) -> Any:
+    """A model file, with ``--brain-extraction`` (when given) replacing its own setting."""
+    from ..model.bundle import load_model
+
+    model = load_model(path)
+    if brain_extraction is not None:
+        import dataclasses
+
+        model.preprocessing = dataclasses.replace(model.preprocessing, brain_extraction=brain_extraction)
+    return model
+
+
 def _check_baseline_options(args: argparse.Namespace) -> None:
     """Option combinations that cannot work, refused before anything is read or written."""
     if args.model and (args.baseline_like or args.reference_images):
@@ -139,18 +151,11 @@ def run(args: argparse.Namespace) -> int:
     images, labels = collect_test_set(args.images, args.labels, args.label_pattern, args.healthy)
 
     if args.model:
-        from ..model.bundle import load_model
-
-
-        method: Any = load_model(args.model)
-        source = str(args.model)
         if args.bias_correction:
             raise InputError("--bias-correction is a setting of the model file (anomalyseg train --bias-correction); "
                              "with --model it cannot change")
-        if args.brain_extraction is not None:
-            import dataclasses
-
-            method.preprocessing = dataclasses.replace(method.preprocessing, brain_extraction=args.brain_extraction)
+        method: Any = _load_model(args.model, args.brain_extraction)
+        source = str(args.model)
     else:
         from ..pipeline.baselines import IntensityBaseline
         from ..data.preprocessing import PreprocessConfig
@@ -165,14 +170,8 @@ def run(args: argparse.Namespace) -> int:
         if args.reference_images:
             reference = _volumes(args.reference_images, args.label_pattern, "reference")
         if args.baseline_like:
-            from ..model.bundle import load_model
-
-            method = IntensityBaseline.like_model(load_model(args.baseline_like), args.baseline_mode)
-            if args.brain_extraction is not None:
-                import dataclasses
-
-                method.preprocessing = dataclasses.replace(method.preprocessing,
-                                                           brain_extraction=args.brain_extraction)
+            method = IntensityBaseline.like_model(_load_model(args.baseline_like, args.brain_extraction),
+                                                  args.baseline_mode)
         else:
             try:
                 config = PreprocessConfig(image_size=args.image_size,

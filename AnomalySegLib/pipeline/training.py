@@ -125,7 +125,7 @@ def method_params_for(config: TrainConfig) -> MethodParams:
     data.update(config.method_overrides)
     data["method"] = config.method
     if "bias_flatten" not in config.method_overrides and (
-            float(data.get("fuse_intensity", 0)) <= 0 or str(data.get("intensity_term", "")).endswith("-global")):
+            float(data.get("fuse_intensity", 0)) <= 0 or intensity_term_is_global(str(data.get("intensity_term", "")))):
         # flattening needs the per-position intensity statistics: a user who turns those off
         # turns the default flattening off with them (an explicit --bias-flatten still errors)
         data["bias_flatten"] = "off"
