@@ -317,3 +317,37 @@ def test_calibrating_with_the_training_volumes_outside_the_position_statistics(s
     plain = train_model(small_volumes, TrainConfig(**{**FAST, "calibration_fraction": 0.25,
                                                       "calibrate_with_training": False}))
     assert plain.calibration.n_volumes == 1 and plain.training["calibration_training_names"] == []
+
+
+def test_bias_flatten_all_trains_the_network_on_the_flattened_images_it_sees_at_inference(small_volumes):
+    from AnomalySegLib.data.bias_flatten import flatten_bias
+    from AnomalySegLib.io.volume_io import Volume
+    from AnomalySegLib.pipeline.training import Trainer
+
+    # a strong left-right field on every scan, so flattening changes the images materially
+    ramp = np.linspace(0.7, 1.4, small_volumes[0].data.shape[0])[:, None, None]
+    biased = [Volume((v.data * ramp).astype(np.float32), v.affine, v.path) for v in small_volumes]
+    config = TrainConfig(**{**FAST, "method": "dae", "calibration_fraction": 0.25,
+                            "method_overrides": {"bias_flatten": "all"}})
+    trainer = Trainer(config)
+    trainer.setup(biased)
+    training = [trainer.prepared[i] for i in trainer.train_idx]
+    stats = trainer.intensity_stats
+    assert stats is not None
+    expected = np.concatenate([flatten_bias(v.images, v.masks, v.slice_indices, stats, "quadratic")
+                               for v in training]).astype(np.float16)
+    np.testing.assert_array_equal(trainer.images, expected)
+    raw = np.concatenate([v.images for v in training]).astype(np.float16)
+    assert np.abs(expected.astype(np.float32) - raw.astype(np.float32)).max() > 0.05  # not a no-op
+    model = trainer.fit(biased)  # setup again (deterministic), train, statistics, calibrate
+    # the stored statistics are the ones the training images were flattened against, so
+    # inference (score_prepared) gives the network exactly what it was trained on
+    np.testing.assert_array_equal(model.intensity_stats.to_dict()["mean"], stats.to_dict()["mean"])
+    assert model.training["network_input"] == "bias-flattened"
+
+    # 'intensity' leaves the network's input alone
+    plain = Trainer(TrainConfig(**{**FAST, "method": "dae", "method_overrides": {"bias_flatten": "intensity"}}))
+    plain.setup(biased)
+    assert plain.intensity_stats is None
+    np.testing.assert_array_equal(
+        plain.images, np.concatenate([plain.prepared[i].images for i in plain.train_idx]).astype(np.float16))

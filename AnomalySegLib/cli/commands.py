@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-flatten", choices=BIAS_FLATTENING, default=None,
                    help="dae: divide out each scan's smooth bias field, fitted against the healthy intensity at "
                         "each position, before scoring: off, intensity (the fused intensity term only) or all "
-                        "(the network's input too); default: the method's")
+                        "(the network's input too, in training and at inference); default: the method's")
     p.add_argument("--bias-field", choices=BIAS_FIELDS, default=None,
                    help="dae: shape of the flattened field: quadratic, or spline (a smooth field with ~45 mm "
                         "knots, for fields a quadratic cannot follow); default: the method's")

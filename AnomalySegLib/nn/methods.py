@@ -129,7 +129,8 @@ class MethodParams(JsonSettings):
     #: Divide out a smooth bias field fitted against the healthy intensity statistics
     #: (:mod:`AnomalySegLib.data.bias_flatten`) before scoring: ``off`` (files without
     #: it), ``intensity`` (the fusion's intensity term only) or ``all`` (the network's
-    #: input too). Needs per-position intensity statistics (fusion on).
+    #: input too, in training and at inference; files trained before stop 21 saw
+    #: unflattened images in training). Needs per-position intensity statistics (fusion on).
     bias_flatten: str = "off"
     #: Shape of the flattened field (:data:`~AnomalySegLib.settings.BIAS_FIELDS`):
     #: ``quadratic`` (files without it) or ``spline``.

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..data.preprocessing import PreparedVolume, PreprocessConfig, prepare_volume
-from ..data.bias_flatten import fit_flattened_intensity_stats
+from ..data.bias_flatten import fit_flattened_intensity_stats, flatten_bias
 from ..errors import AnomalySegError, InputError
 from ..io.volume_io import Volume, read_volume
 from ..model.bundle import AnomalyModel, load_model
@@ -215,20 +215,30 @@ def position_stats_indices(count: int) -> "list[int]":
     return list(range(0, count, step))
 
 
+def fit_intensity_stats(method: MethodParams, volumes: Sequence[PreparedVolume]) -> Optional[PositionStats]:
+    """Healthy per-position intensity statistics of (up to 16 evenly spread) training volumes,
+    bias-flattened when the method flattens; None when the method fuses no intensity."""
+    if method.fuse_intensity <= 0:
+        return None
+    chosen = [volumes[i] for i in position_stats_indices(len(volumes))]
+    # a global term is the same statistics on a single bin: one mean/std of the brain
+    grid = (1, 1, 1) if intensity_term_is_global(method.intensity_term) else DEFAULT_GRID
+    if method.bias_flatten != "off":
+        return fit_flattened_intensity_stats(chosen, grid=grid, model=method.bias_field)
+    return PositionStats.fit([v.images for v in chosen], [v.masks for v in chosen],
+                             [v.slice_indices for v in chosen], grid=grid)
+
+
 def fit_position_stats(model: AnomalyModel, volumes: Sequence[PreparedVolume], *, device,
-                       cancel: Optional[CancelCallback] = None) -> "tuple[PositionStats, Optional[PositionStats]]":
+                       cancel: Optional[CancelCallback] = None,
+                       intensity: Optional[PositionStats] = None) -> "tuple[PositionStats, Optional[PositionStats]]":
     """Healthy per-position statistics of the model's raw maps on (up to 16 evenly spread)
-    training volumes, and of their intensities when the method fuses intensity."""
+    training volumes, and of their intensities when the method fuses intensity
+    (``intensity``: those already fitted by :func:`fit_intensity_stats` on the same volumes)."""
     chosen = [volumes[i] for i in position_stats_indices(len(volumes))]
     masks, indices = [v.masks for v in chosen], [v.slice_indices for v in chosen]
-    intensity = None
-    if model.method.fuse_intensity > 0:
-        # a global term is the same statistics on a single bin: one mean/std of the brain
-        grid = (1, 1, 1) if intensity_term_is_global(model.method.intensity_term) else DEFAULT_GRID
-        if model.method.bias_flatten != "off":
-            intensity = fit_flattened_intensity_stats(chosen, grid=grid, model=model.method.bias_field)
-        else:
-            intensity = PositionStats.fit([v.images for v in chosen], masks, indices, grid=grid)
+    if intensity is None:
+        intensity = fit_intensity_stats(model.method, volumes)
     saved = model.intensity_stats
     model.intensity_stats = intensity  # score_prepared flattens the network's input with them
     try:
@@ -360,7 +370,17 @@ class Trainer:
         config, ddp = self.config, self.ddp
         self.prepared, self.names = _load_and_prepare(healthy, self.preprocessing, self.progress, self.cancel)
         self.train_idx, self.cal_idx = split_volumes(len(self.prepared), config.calibration_fraction, config.seed)
-        self.images = np.concatenate([self.prepared[i].images for i in self.train_idx]).astype(np.float16)
+        training = [self.prepared[i] for i in self.train_idx]
+        # bias_flatten=all: the network is trained on the flattened images it is given at
+        # inference (one preprocessing path), flattened against the statistics the model stores
+        self.intensity_stats = fit_intensity_stats(self.params, training) if self.params.bias_flatten == "all" else None
+        if self.intensity_stats is not None:
+            emit(self.progress, ProgressEvent("prepare", 1.0, message="flattening the training volumes' bias fields"))
+            stacked = [flatten_bias(v.images, v.masks, v.slice_indices, self.intensity_stats, self.params.bias_field)
+                       for v in training]
+        else:
+            stacked = [v.images for v in training]
+        self.images = np.concatenate(stacked).astype(np.float16)
         self.masks = np.concatenate([self.prepared[i].masks for i in self.train_idx])
         self.n_images = len(self.images)
         if self.n_images < ddp.world:
@@ -515,6 +535,8 @@ class Trainer:
             "compiled": self.compiled_steps > 0,  # a failed first compiled step counts none
             "compile_notes": list(self.compile_notes),
             "fine_tuned_from": self.init_id or None,
+            # whether the network was trained on bias-flattened images (bias_flatten=all)
+            "network_input": "bias-flattened" if self.intensity_stats is not None else "preprocessed",
             "history": self.history,
         }
 
@@ -537,7 +559,8 @@ class Trainer:
             prepared, names, train_idx, cal_idx = self.prepared, self.names, self.train_idx, self.cal_idx
             if self.params.position_normalise:
                 model.position_stats, model.intensity_stats = fit_position_stats(
-                    model, [prepared[i] for i in train_idx], device=self.device, cancel=self.cancel)
+                    model, [prepared[i] for i in train_idx], device=self.device, cancel=self.cancel,
+                    intensity=self.intensity_stats)
             extra_idx = self.calibration_training_indices()
             cal_set = [prepared[i] for i in (cal_idx + extra_idx)] or [prepared[i] for i in train_idx]
             source_names = [names[i] for i in (cal_idx or train_idx)]
