@@ -55,6 +55,14 @@ BIAS_FLATTENING = ("off", "intensity", "all")
 BIAS_FIELDS = ("quadratic", "spline")
 
 
+def check_bias_field(value: Any, name: str = "bias_field") -> str:
+    """The one rule for a bias-field shape: one of :data:`BIAS_FIELDS` (``ValueError``
+    naming ``name`` otherwise). Returns it."""
+    if value not in BIAS_FIELDS:
+        raise ValueError(f"{name} must be one of {', '.join(BIAS_FIELDS)}, got {value!r}")
+    return value
+
+
 #: Default of ``TrainConfig.calibrate_with_training`` (chosen in stop 20: docs/BENCHMARKS.md).
 CALIBRATE_WITH_TRAINING_DEFAULT = False
 

@@ -86,10 +86,9 @@ def evaluate_variant(model, overrides: dict, train, cal, data: dict, device: str
         variant.position_stats, variant.intensity_stats = cache[key]
     extra = []
     if with_training:
-        from AnomalySegLib.pipeline.training import position_stats_indices
+        from AnomalySegLib.pipeline.training import outside_position_stats
 
-        in_stats = set(position_stats_indices(len(train)))
-        extra = [p for i, p in enumerate(train) if i not in in_stats]
+        extra = [train[k] for k in outside_position_stats(len(train), variant.method.position_normalise)]
     variant.calibration = calibrate(variant, list(cal) + extra, device=device)
     out: dict = {"overrides": {**overrides, **({"calibrate_with_training": True} if with_training else {})},
                  "calibration_volumes": len(cal) + len(extra), "operating_percentile": variant.default_percentile,

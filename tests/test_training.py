@@ -303,6 +303,7 @@ def test_calibrating_with_the_training_volumes_outside_the_position_statistics(s
     assert training.position_stats_indices(32) == list(range(0, 32, 2))  # the CPU default: 16 of 32
     monkeypatch.setattr(training, "POSITION_STATS_MAX_VOLUMES", 2)
     assert training.position_stats_indices(3) == [0, 2]
+    assert training.outside_position_stats(3) == [1] and training.outside_position_stats(3, False) == [0, 1, 2]
     config = TrainConfig(**{**FAST, "calibration_fraction": 0.25, "calibrate_with_training": True})
     model = train_model(small_volumes, config)
     train_idx, cal_idx = split_volumes(4, 0.25, FAST["seed"])

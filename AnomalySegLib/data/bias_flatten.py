@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from ..model.position_stats import DEFAULT_GRID, PositionStats, slice_positions
-from ..settings import BIAS_FIELDS
+from ..settings import check_bias_field
 from .preprocessing import PreparedVolume
 
 #: Polynomial degree of the ``quadratic`` log field in the three normalised coordinates
@@ -184,8 +184,7 @@ def fit_bias_field(images: np.ndarray, masks: np.ndarray, slice_indices: np.ndar
     subsample taken when more than :data:`MAX_FIT_PIXELS` pixels are usable. Returns all
     ones when the brain has too few usable pixels for a fit.
     """
-    if model not in BIAS_FIELDS:
-        raise ValueError(f"bias field model must be one of {', '.join(BIAS_FIELDS)}, got {model!r}")
+    check_bias_field(model, "bias field model")
     images = np.asarray(images, dtype=np.float32)
     masks = np.asarray(masks, dtype=bool)
     expected = reference.expected(images.shape[-1], slice_indices)

@@ -40,7 +40,8 @@ from .losses import (
 )
 from .networks import ConvVAE
 from .unet import UNet
-from ..settings import BIAS_FIELDS, BIAS_FLATTENING, INTENSITY_TERMS, METHOD_NAMES, SCAN_NORMALISATIONS, JsonSettings, check_percentile
+from ..settings import (BIAS_FLATTENING, INTENSITY_TERMS, METHOD_NAMES, SCAN_NORMALISATIONS, JsonSettings, check_bias_field,
+                        check_percentile)
 
 __all__ = [
     "METHODS",
@@ -172,9 +173,7 @@ class MethodParams(JsonSettings):
         if self.bias_flatten not in BIAS_FLATTENING:
             raise ValueError(f"MethodParams.bias_flatten must be one of {', '.join(BIAS_FLATTENING)}, "
                              f"got {self.bias_flatten!r}")
-        if self.bias_field not in BIAS_FIELDS:
-            raise ValueError(f"MethodParams.bias_field must be one of {', '.join(BIAS_FIELDS)}, "
-                             f"got {self.bias_field!r}")
+        check_bias_field(self.bias_field, "MethodParams.bias_field")
         if self.bias_flatten != "off" and (self.fuse_intensity <= 0 or intensity_term_is_global(self.intensity_term)):
             raise ValueError("MethodParams.bias_flatten needs the per-position intensity statistics "
                              "(fuse_intensity > 0 with a *-position intensity term)")

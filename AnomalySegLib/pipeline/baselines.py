@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from .. import __version__
-from ..settings import BIAS_FIELDS, SCAN_NORMALISATIONS, check_percentile
+from ..settings import SCAN_NORMALISATIONS, check_bias_field, check_percentile
 from ..segmentation.calibration import Calibration, default_percentile, resolve_percentile
 from ..errors import InputError
 from ..io.geometry import voxel_volume_ml
@@ -82,10 +82,8 @@ class IntensityBaseline:
         #: divide out each scan's smooth bias field against the healthy intensity per position
         #: (as a model with MethodParams.bias_flatten; statistics fitted on the reference volumes)
         self.bias_flatten = bool(bias_flatten)
-        if bias_field not in BIAS_FIELDS:
-            raise ValueError(f"bias_field must be one of {', '.join(BIAS_FIELDS)}, got {bias_field!r}")
         #: the flattened field's shape (as MethodParams.bias_field)
-        self.bias_field = bias_field
+        self.bias_field = check_bias_field(bias_field)
         self.flatten_stats: Optional[PositionStats] = None
         self.min_component_ml = DEFAULT_MIN_COMPONENT_ML if min_component_ml is None else float(min_component_ml)
         self.max_false_components = (DEFAULT_MAX_FALSE_COMPONENTS if max_false_components is None

@@ -215,6 +215,14 @@ def position_stats_indices(count: int) -> "list[int]":
     return list(range(0, count, step))
 
 
+def outside_position_stats(count: int, position_normalise: bool = True) -> "list[int]":
+    """Which of ``count`` training volumes the position statistics are *not* fitted on (all of
+    them when the method has none): those that can also calibrate
+    (:attr:`TrainConfig.calibrate_with_training`)."""
+    in_stats = set(position_stats_indices(count)) if position_normalise else set()
+    return [k for k in range(count) if k not in in_stats]
+
+
 def fit_intensity_stats(method: MethodParams, volumes: Sequence[PreparedVolume]) -> Optional[PositionStats]:
     """Healthy per-position intensity statistics of (up to 16 evenly spread) training volumes,
     bias-flattened when the method flattens; None when the method fuses no intensity."""
@@ -381,7 +389,7 @@ class Trainer:
         else:
             stacked = [v.images for v in training]
         self.images = np.concatenate(stacked).astype(np.float16)
-        self.masks = np.concatenate([self.prepared[i].masks for i in self.train_idx])
+        self.masks = np.concatenate([v.masks for v in training])
         self.n_images = len(self.images)
         if self.n_images < ddp.world:
             raise InputError(f"only {self.n_images} training slices for {ddp.world} processes")
@@ -546,8 +554,7 @@ class Trainer:
         none without a held-out set (then the training volumes calibrate alone)."""
         if not (self.config.calibrate_with_training and self.cal_idx):
             return []
-        in_stats = set(position_stats_indices(len(self.train_idx))) if self.params.position_normalise else set()
-        return [i for k, i in enumerate(self.train_idx) if k not in in_stats]
+        return [self.train_idx[k] for k in outside_position_stats(len(self.train_idx), self.params.position_normalise)]
 
     def finish(self, output: Union[str, Path, None] = None, *, overwrite: bool = True) -> AnomalyModel:
         """The model: position statistics, calibration on the held-out volumes, saved (rank 0)."""
