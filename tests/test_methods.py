@@ -21,7 +21,7 @@ from AnomalySegLib.nn.methods import (
     erode_mask,
     training_loss,
 )
-from AnomalySegLib.nn.networks import ConvVAE, VAEConfig, build_network
+from AnomalySegLib.nn.networks import VAEConfig, build_network
 
 S = 32
 

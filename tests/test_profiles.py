@@ -47,6 +47,8 @@ def test_train_without_tuning_flags_uses_and_records_the_profile(synthetic_cohor
     assert (config["image_size"], config["base_width"], config["epochs"]) == (32, 4, 1)
     assert info["network"]["architecture"] == "unet"
     assert info["method"]["intensity_term"] == "bright-position"  # the dae's default fusion term
+    # the default flattens each scan's bias field, and the network was trained on flattened images
+    assert info["method"]["bias_flatten"] == "all" and info["training"]["network_input"] == "bias-flattened"
     cal = info["calibration"]
     assert cal["operating_percentile"] >= info["method"]["default_percentile"]
     assert cal["min_component_ml"] > 0 and cal["false_components_per_volume"] is not None

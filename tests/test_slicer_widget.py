@@ -10,7 +10,6 @@ a fast slider, lesion centres under a transform, runs and cancel with
 of the module (used to check that they fail on the version before the fixes).
 """
 
-import json
 import os
 import sys
 import time
@@ -283,7 +282,7 @@ def test_import_model_ensures_dependencies_first(h, tmp_path, monkeypatch):
 
 def test_deleted_anomaly_segment_is_recreated_by_the_slider(h):
     a = _volume(h.scene, "A")
-    w = h.createWidget()
+    h.createWidget()
     _, seg = _segmented(h, a)
     _select(h, a)
     seg.GetSegmentation().RemoveSegment("Anomaly")  # Segment Editor: delete
