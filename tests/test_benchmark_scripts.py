@@ -246,3 +246,56 @@ def test_speed_report_shows_compiled_training_apart_from_its_compilation():
     text = "\n".join(speed.compare_markdown(report))
     assert "amcons_ours_compiled: 95 s" in text and "dae_compiled: failed: no compiler" in text
     assert "amcons compiled vs reference **3.20x**" in text and "amcons compiled vs eager **1.60x**" in text
+
+
+def test_make_foreign_cohort_layout_directions_and_determinism(tmp_path):
+    """The cohort made differently (own contrast, fields, lesions) is readable by the benchmark
+    scripts, its labels mark exactly the changed voxels with the documented sign, and the same
+    seed gives the same files."""
+    foreign = _script("make_foreign_cohort")
+    args = ["--n-healthy", "2", "--n-lesion-free", "1", "--n-per-kind", "1", "--resolution-mm", "4"]
+    out = tmp_path / "a"
+    assert foreign.main(["--output-dir", str(out), "--seed", "5"] + args) == 0
+    data = _script("run_benchmark").load_benchmark_data(out)
+    assert len(data["healthy"]) == 2 and len(data["lesion_free"]) == 1
+    assert set(data["test_sets"]) == set(foreign.KINDS)
+    for kind, (images, labels) in data["test_sets"].items():
+        image = np.asarray(nib.load(str(images[0])).dataobj)
+        label = np.asarray(nib.load(str(labels[0])).dataobj)
+        assert image.shape == label.shape and label.any(), kind
+        assert not (label.astype(bool) & (image == 0)).any(), kind  # lesions lie in the brain
+    assert foreign.main(["--output-dir", str(out), "--seed", "5"] + args) == 2  # never overwrites
+    again = tmp_path / "b"
+    assert foreign.main(["--output-dir", str(again), "--seed", "5"] + args) == 0
+    for name in ("healthy/healthy_001.nii.gz", "tumour/lesion_000.nii.gz", "ms/lesion_000_label.nii.gz"):
+        assert np.array_equal(np.asarray(nib.load(str(out / name)).dataobj),
+                              np.asarray(nib.load(str(again / name)).dataobj))
+
+    # sign and extent of each kind's change, on a constant image (no bias or noise)
+    from AnomalySegLib.data.synthetic import load_template
+
+    template = load_template("mni152", 4.0)
+    maps = {"brain": np.asarray(template.brain), "wm": np.asarray(template.wm), "gm": np.asarray(template.gm)}
+    flat = maps["brain"].astype(np.float32) * 100.0
+    for kind, sign in (("infarct", -1), ("haemorrhage", +1), ("ms", -1), ("subtle", -1), ("tumour", 0)):
+        changed, label, info = foreign._lesion(kind, flat, maps, 4.0, np.random.default_rng(3))
+        assert label.any() and not (label & ~maps["brain"]).any(), kind
+        if kind == "subtle":  # label = where the diffuse change exceeds half its depth
+            change = 1.0 - changed[maps["brain"]] / 100.0
+            half = info["depth"] / 2
+            inside = label[maps["brain"]]
+            assert (change[inside] > half - 1e-6).all() and (change[~inside] <= half + 1e-6).all()
+        else:  # hard-edged kinds change nothing outside their label
+            assert np.array_equal(changed[~label], flat[~label]), kind
+        if sign:
+            inside = changed[label & ~(kind == "haemorrhage" and _rim(label))] - 100.0
+            assert (np.sign(inside) == sign).all(), kind
+        else:  # tumour: dark oedema and necrosis, a bright enhancing part
+            assert (changed[label] < 100).any() and (changed[label] > 100).any()
+        assert info["volume_ml"] == pytest.approx(label.sum() * 64 / 1000.0)
+
+
+def _rim(label: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return label & ~ndimage.binary_erosion(label)

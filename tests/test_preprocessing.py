@@ -268,6 +268,38 @@ def test_tissue_mask_covers_disk_including_dark_hole():
         tissue_mask(np.zeros((4, 4, 4)))
 
 
+def test_tissue_mask_keeps_a_dark_lesion_at_the_brains_edge_on_skull_stripped_images():
+    """A dark lesion open to the background (a cortical infarct on T1) falls below Otsu and is
+    not enclosed, so the paper's rule cuts it out; the brain's support (non-zero region, holes
+    filled, eroded 2 px) brings it back, never beyond the brain, and only where the background
+    is exactly 0."""
+    from scipy import ndimage
+
+    from AnomalySegLib.data.brain_mask import CLOSING_FOOTPRINT, brain_support, tissue_mask
+
+    img, disk = _disk_image(hole_radius=0)
+    rr, cc = np.meshgrid(np.arange(64), np.arange(64), indexing="ij")
+    lesion = disk & ((rr - 30) ** 2 + (cc - 52) ** 2 <= 7 ** 2)  # straddles the rim at column 54
+    img[lesion] = 20.0
+    paper = ndimage.binary_fill_holes(ndimage.binary_closing(img > 60, CLOSING_FOOTPRINT))
+    assert paper[lesion].mean() < 0.3  # the old rule misses most of it
+    mask = tissue_mask(img)
+    inside = ndimage.binary_erosion(disk, CLOSING_FOOTPRINT)  # 2 px from the brain's edge
+    np.testing.assert_array_equal(mask, paper | inside)
+    assert mask[lesion & inside].all() and not mask[~disk].any()
+    # background that is not exactly 0 (noise, an unstripped field of view): the paper's rule,
+    # also when a few background pixels were clipped to exactly 0
+    noisy = img + 1.0
+    specks = np.zeros_like(disk)
+    specks[::7, ::5] = True
+    noisy[specks & ~disk] = 0.0
+    assert brain_support(noisy, tissue_mask(noisy)) is None
+    np.testing.assert_array_equal(tissue_mask(noisy), paper)
+    # a support much larger than the tissue (here: a faint disk around a small bright one)
+    faint, _ = _disk_image(radius=28, value=3.0, hole_radius=8, hole_value=100.0)
+    assert brain_support(faint, faint > 50) is None
+
+
 def test_tissue_masks_threshold_each_image_on_its_own():
     from AnomalySegLib.data.brain_mask import tissue_mask, tissue_masks
 
@@ -297,15 +329,21 @@ def test_normalisation_is_robust_to_a_bright_lesion(case):
 def test_tissue_mask_on_the_foreground_box_equals_the_whole_image_rule():
     """The closing and hole filling run on the foreground's bounding box (speed); the mask
     must be exactly the paper's rule applied to the whole image, including foreground that
-    touches the image border and holes near the box's edge."""
+    touches the image border and holes near the box's edge (plus, where the background is
+    exactly 0, the brain's support: its rule written out again here)."""
     from scipy import ndimage
     from skimage.filters import threshold_otsu
     from skimage.morphology import closing
 
-    from AnomalySegLib.data.brain_mask import CLOSING_FOOTPRINT, tissue_mask
+    from AnomalySegLib.data.brain_mask import CLOSING_FOOTPRINT, MAX_SUPPORT_RATIO, tissue_mask
 
     def whole_image(img):
-        return ndimage.binary_fill_holes(closing(img > threshold_otsu(img), CLOSING_FOOTPRINT))
+        paper = ndimage.binary_fill_holes(closing(img > threshold_otsu(img), CLOSING_FOOTPRINT))
+        positive = img > 0
+        if np.concatenate([positive[0], positive[-1], positive[:, 0], positive[:, -1]]).any() or not paper.any():
+            return paper
+        support = ndimage.binary_erosion(ndimage.binary_fill_holes(img > 0), CLOSING_FOOTPRINT)
+        return paper | support if support.sum() <= MAX_SUPPORT_RATIO * paper.sum() else paper
 
     rng = np.random.default_rng(7)
     for case in range(400):

@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0 = off)")
     p.add_argument("--intensity-term", choices=INTENSITY_TERMS, default=None,
                    help="dae: intensity deviation fused with the network's map (default bright-position: "
-                        "hyperintense anomalies, e.g. FLAIR/T2; abs-position for anomalies of either sign)")
+                        "hyperintense anomalies, e.g. FLAIR/T2; abs-position for anomalies of either sign, "
+                        "the better choice on T1-weighted scans)")
     p.add_argument("--scan-normalise", choices=SCAN_NORMALISATIONS, default=None,
                    help="standardise each scan's map by its own brain voxels' median and spread before "
                         "calibration and thresholding (default: the method's; off = as the paper)")

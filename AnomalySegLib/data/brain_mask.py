@@ -1,10 +1,14 @@
-"""Per-image brain-tissue masks (the paper's Otsu + closing mask, plus hole filling).
+"""Per-image brain-tissue masks (the paper's Otsu + closing mask, plus hole filling and,
+on skull-stripped images, the brain's support).
 
 The paper masks each image with an Otsu threshold followed by a morphological
 closing (5x5 disk). We also fill holes: dark lesions, ventricles and CSF inside the
-head then stay in the mask, so anomalies there can be scored. This is a documented
-deviation from the paper. Each image is thresholded on its own (the authors' code
-shares one threshold across a batch, a known bug we do not reproduce).
+head then stay in the mask, so anomalies there can be scored. A dark lesion that touches
+the brain's outer edge is not a hole (it is open to the background), so on images with an
+all-zero background the mask also takes the brain's support eroded by 2 px
+(:func:`brain_support`; stop 23, docs/BENCHMARKS.md). Both are documented deviations from
+the paper. Each image is thresholded on its own (the authors' code shares one threshold
+across a batch, a known bug we do not reproduce).
 """
 
 from __future__ import annotations
@@ -49,7 +53,38 @@ def tissue_mask(image: np.ndarray) -> np.ndarray:
            slice(max(cols[0] - _CROP_FRAME, 0), cols[-1] + _CROP_FRAME + 1))
     out = np.zeros(mask.shape, dtype=bool)
     out[box] = ndimage.binary_fill_holes(closing(mask[box], CLOSING_FOOTPRINT))
+    support = brain_support(img, out)
+    if support is not None:
+        out |= support
     return out
+
+
+#: Largest brain support, relative to the Otsu tissue mask, still taken for a brain: a
+#: support much larger than the tissue is a head, a field of view or background noise.
+MAX_SUPPORT_RATIO = 1.5
+
+
+def brain_support(image: np.ndarray, tissue: np.ndarray) -> Optional[np.ndarray]:
+    """The inside of a skull-stripped brain: its non-zero region, holes filled, eroded by
+    the closing's radius (2 px: the partial-volume rim at the brain's edge stays out).
+
+    A dark lesion below the slice's Otsu threshold that touches the brain's outer edge (a
+    cortical infarct on T1) is open to the background, so neither the closing nor the hole
+    filling brings it into the tissue mask; the support does. Only for images whose
+    background is exactly 0 all along the image's edge (skull-stripped or brain-extracted,
+    as preprocessing delivers them) and whose support is at most :data:`MAX_SUPPORT_RATIO`
+    times the tissue mask; None otherwise (then the tissue mask is the paper's rule alone).
+    """
+    positive = image > 0
+    # skull-stripped slices lie inside an all-zero frame (preprocessing's field of view has a
+    # margin); a noisy or cropped background (some voxels clipped to 0) does not
+    frame = np.concatenate([positive[0], positive[-1], positive[:, 0], positive[:, -1]])
+    if frame.any() or not positive.any() or not tissue.any():
+        return None
+    support = ndimage.binary_erosion(ndimage.binary_fill_holes(positive), CLOSING_FOOTPRINT)
+    if support.sum() > MAX_SUPPORT_RATIO * tissue.sum():
+        return None
+    return support
 
 
 #: Images per thread below which :func:`tissue_masks` stays in the calling thread.
