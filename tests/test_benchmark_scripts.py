@@ -244,6 +244,12 @@ def test_speed_report_shows_compiled_training_apart_from_its_compilation():
                            "compiled_ratios": {"amcons_compiled_vs_reference": 3.2,
                                                "amcons_compiled_vs_eager": 1.6}}]}
     text = "\n".join(speed.compare_markdown(report))
+    assert "amcons ours / authors' network and loss: **2.00x**." in text  # no shipped row: no shipped ratio
+    report["results"][0]["ratios"].update(reference_shipped_vs_reference=0.7,
+                                          amcons_ours_mixed_vs_reference_shipped=2.86)
+    text = "\n".join(speed.compare_markdown(report))
+    assert "0.70x the bare reference's speed" in text
+    assert "/ the authors' shipped trainer (anomaly mode): **2.86x**." in text
     assert "amcons_ours_compiled: 95 s" in text and "dae_compiled: failed: no compiler" in text
     assert "amcons compiled vs reference **3.20x**" in text and "amcons compiled vs eager **1.60x**" in text
 

@@ -130,3 +130,50 @@ def test_per_image_batchnorm_keeps_forward_values_and_running_stats():
     assert not torch.equal(before, after_normal)  # the normal pass updates running stats
     assert torch.equal(bn.running_mean, after_normal)  # the per-image pass does not
     assert not bn.per_image  # flag restored
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_upblock_skip_path_at_input_resolution_equals_upsample_first(train):
+    """UpBlock runs its 1x1 conv + BN skip path before the nearest upsampling: the outputs and
+    every gradient must equal ``block(upsample(x))`` (float64), and the running mean must be
+    updated identically (the running variance differs only by the unbiased n/(n-1) factor)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from AnomalySegLib.nn.networks import UpBlock
+
+    torch.manual_seed(0)
+    fast = UpBlock(6, 3).double()
+    with torch.no_grad():  # non-trivial running statistics for eval mode
+        for m in fast.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    slow = copy.deepcopy(fast)
+    fast.train(train)
+    slow.train(train)
+    x = torch.randn(4, 6, 5, 7, dtype=torch.float64)
+    x_fast, x_slow = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_fast = fast(x_fast)
+    y_slow = slow.block(F.interpolate(x_slow, scale_factor=2.0, mode="nearest"))
+    assert y_fast.shape == (4, 3, 10, 14)
+    torch.testing.assert_close(y_fast, y_slow, rtol=0, atol=1e-12)
+    g = torch.randn_like(y_fast)
+    y_fast.backward(g)
+    y_slow.backward(g)
+    torch.testing.assert_close(x_fast.grad, x_slow.grad, rtol=0, atol=1e-12)
+    for (name, p_fast), p_slow in zip(fast.named_parameters(), slow.parameters()):
+        torch.testing.assert_close(p_fast.grad, p_slow.grad, rtol=0, atol=1e-12, msg=name)
+    bn_fast, bn_slow = fast.block.shortcut[1], slow.block.shortcut[1]
+    torch.testing.assert_close(bn_fast.running_mean, bn_slow.running_mean, rtol=0, atol=1e-12)
+    if train:  # unbiased correction: n = 4*5*7 at the input, 4x more after upsampling
+        n = 4 * 5 * 7
+        biased_fast = bn_fast.running_var
+        expected = bn_slow.running_var + 0.1 * (n / (n - 1) - 4 * n / (4 * n - 1)) * \
+            torch.var(slow.block.shortcut[0](x).detach(), dim=(0, 2, 3), unbiased=False)
+        torch.testing.assert_close(biased_fast, expected, rtol=1e-10, atol=1e-12)
+    else:
+        torch.testing.assert_close(bn_fast.running_var, bn_slow.running_var, rtol=0, atol=0)

@@ -376,3 +376,29 @@ def test_tissue_masks_in_threads_equal_the_sequential_masks():
     for threads in (2, 3, 8):
         np.testing.assert_array_equal(tissue_masks(images, threads=threads), sequential)
     assert len({int(m.sum()) for m in sequential}) > 10  # the images really differ
+
+
+def test_brain_support_cropped_to_the_brain_equals_the_whole_slice_rule():
+    """brain_support fills and erodes only around the non-zero region's bounding box; on
+    random skull-stripped-like slices (blobs with holes, one a pixel from the image's edge,
+    several pieces) it must equal the whole-slice fill + erosion exactly."""
+    from scipy import ndimage
+
+    from AnomalySegLib.data.brain_mask import CLOSING_FOOTPRINT, brain_support
+
+    rng = np.random.default_rng(3)
+    checked = 0
+    for trial in range(40):
+        img = ndimage.gaussian_filter(rng.random((48, 40)), 2.0)
+        positive = img > np.quantile(img, rng.uniform(0.3, 0.8))
+        positive[rng.random(positive.shape) < 0.05] = False  # holes and ragged edges
+        if trial % 3 == 0:  # a piece a pixel from the image's edge
+            positive[1:4, 10:30] = True
+        positive[0], positive[-1], positive[:, 0], positive[:, -1] = False, False, False, False
+        image = np.where(positive, 1.0 + img, 0.0).astype(np.float32)
+        whole = ndimage.binary_erosion(ndimage.binary_fill_holes(positive), CLOSING_FOOTPRINT)
+        got = brain_support(image, np.ones(positive.shape, dtype=bool))  # tissue large: never refused
+        assert got is not None
+        np.testing.assert_array_equal(got, whole)
+        checked += whole.any()
+    assert checked > 20  # most slices had a non-empty support to compare

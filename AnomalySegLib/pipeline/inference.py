@@ -19,7 +19,8 @@ from ..io.geometry import voxel_spacing
 from ..io.volume_io import Volume
 from ..nn.device import resolve_device
 from ..nn.methods import anomaly_scores
-from ..nn.speed import configure_cpu_threads, inference_autocast, inference_dtype, inference_network
+from ..nn.speed import (configure_cpu_allocator, configure_cpu_threads, inference_autocast, inference_dtype,
+                        inference_network)
 from ..progress import CancelCallback, ProgressCallback, ProgressEvent, check_cancel, emit
 from ..segmentation.calibration import resolve_percentile
 from ..segmentation.postprocess import smooth_in_mask, standardisation_stages, standardise_scan
@@ -51,6 +52,7 @@ def score_prepared(
     network = inference_network(model.network, dev, dtype=dtype)
     if dev.type == "cpu":
         configure_cpu_threads()
+        configure_cpu_allocator()
     images = prepared.images
     flatten = model.method.bias_flatten
     # needed for the network's input ("all") or for the fused intensity term (normalised maps only)

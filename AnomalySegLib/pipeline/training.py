@@ -30,7 +30,7 @@ from ..nn.device import resolve_device, training_autocast
 from ..nn.methods import (ARCHITECTURE_OF, METHODS, MethodParams, default_warmup_epochs, intensity_term_is_global,
                           training_loss)
 from ..nn.networks import VAEConfig, build_network
-from ..nn.speed import mixed_precision_training
+from ..nn.speed import configure_cpu_allocator, mixed_precision_training
 from ..progress import CancelCallback, EtaEstimator, ProgressCallback, ProgressEvent, check_cancel, emit
 from ..settings import CALIBRATE_WITH_TRAINING_DEFAULT, LR_SCHEDULES, JsonSettings
 from .calibrate import calibrate_prepared
@@ -408,6 +408,8 @@ class Trainer:
         if self.init_model is not None:
             self.network.load_state_dict(self.init_model.network.state_dict())
         self.network.to(self.device)
+        if self.device.type == "cpu":
+            configure_cpu_allocator()  # reuse freed activations instead of faulting pages in again
         # on a CPU with native bfloat16: autocast + channels-last, faster but not bit-close
         # to float32 (quality measured equal: docs/BENCHMARKS.md); float32 NCHW on other CPUs
         self.use_amp = mixed_precision_training(self.device, config.amp)
