@@ -171,9 +171,9 @@ def test_upblock_skip_path_at_input_resolution_equals_upsample_first(train):
     torch.testing.assert_close(bn_fast.running_mean, bn_slow.running_mean, rtol=0, atol=1e-12)
     if train:  # unbiased correction: n = 4*5*7 at the input, 4x more after upsampling
         n = 4 * 5 * 7
-        biased_fast = bn_fast.running_var
+        running_var_fast = bn_fast.running_var
         expected = bn_slow.running_var + 0.1 * (n / (n - 1) - 4 * n / (4 * n - 1)) * \
             torch.var(slow.block.shortcut[0](x).detach(), dim=(0, 2, 3), unbiased=False)
-        torch.testing.assert_close(biased_fast, expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(running_var_fast, expected, rtol=1e-10, atol=1e-12)
     else:
         torch.testing.assert_close(bn_fast.running_var, bn_slow.running_var, rtol=0, atol=0)
