@@ -14,7 +14,7 @@ across a batch, a known bug we do not reproduce).
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -29,6 +29,14 @@ CLOSING_FOOTPRINT = disk(2).astype(bool)
 #: Background kept around the foreground's bounding box: twice the closing's radius (the
 #: dilation's reach, then the erosion's window) plus one pixel for the hole filling.
 _CROP_FRAME = 2 * (CLOSING_FOOTPRINT.shape[0] // 2) + 2
+
+
+def _framed_box(mask: np.ndarray) -> Tuple[slice, slice]:
+    """Bounding box of a non-empty 2D mask plus :data:`_CROP_FRAME` pixels of background
+    (clipped to the image): where the closing, hole filling and erosion can change anything."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return (slice(max(rows[0] - _CROP_FRAME, 0), rows[-1] + _CROP_FRAME + 1),
+            slice(max(cols[0] - _CROP_FRAME, 0), cols[-1] + _CROP_FRAME + 1))
 
 
 def tissue_mask(image: np.ndarray) -> np.ndarray:
@@ -48,9 +56,7 @@ def tissue_mask(image: np.ndarray) -> np.ndarray:
     # same result as on the whole image (the closing reaches 2 px beyond the foreground and
     # the frame keeps the outside background connected to the border for the hole filling),
     # at a fraction of the cost when the head fills part of the field of view.
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    box = (slice(max(rows[0] - _CROP_FRAME, 0), rows[-1] + _CROP_FRAME + 1),
-           slice(max(cols[0] - _CROP_FRAME, 0), cols[-1] + _CROP_FRAME + 1))
+    box = _framed_box(mask)
     out = np.zeros(mask.shape, dtype=bool)
     out[box] = ndimage.binary_fill_holes(closing(mask[box], CLOSING_FOOTPRINT))
     support = brain_support(img, out)
@@ -85,9 +91,7 @@ def brain_support(image: np.ndarray, tissue: np.ndarray) -> Optional[np.ndarray]
     # as tissue_mask does: the same result as on the whole image (the frame keeps the
     # outside connected for the hole filling and is wider than the erosion's reach), at a
     # third of the whole-slice cost on 224 px slices (docs/BENCHMARKS.md, stop 24).
-    rows, cols = np.flatnonzero(positive.any(axis=1)), np.flatnonzero(positive.any(axis=0))
-    box = (slice(max(rows[0] - _CROP_FRAME, 0), rows[-1] + _CROP_FRAME + 1),
-           slice(max(cols[0] - _CROP_FRAME, 0), cols[-1] + _CROP_FRAME + 1))
+    box = _framed_box(positive)
     inside = ndimage.binary_erosion(ndimage.binary_fill_holes(positive[box]), CLOSING_FOOTPRINT)
     if inside.sum() > MAX_SUPPORT_RATIO * tissue.sum():
         return None

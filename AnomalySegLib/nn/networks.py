@@ -140,10 +140,12 @@ class BasicBlock(nn.Module):
                 nn.Conv2d(cin, cout, 1, stride=stride, bias=False), _BatchNorm2d(cout)
             )
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, x: Tensor, skip: Optional[Tensor] = None) -> Tensor:
+        """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; ``skip`` replaces
+        ``shortcut(x)`` when the caller computed it another way (UpBlock: before upsampling)."""
         y = F.relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
-        return F.relu(y + self.shortcut(x))
+        return F.relu(y + (self.shortcut(x) if skip is None else skip))
 
 
 class UpBlock(nn.Module):
@@ -167,10 +169,8 @@ class UpBlock(nn.Module):
         self.block = BasicBlock(cin, cout, stride=1)
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        b = self.block
-        y = F.relu(b.bn1(b.conv1(F.interpolate(x, scale_factor=2.0, mode="nearest"))))
-        y = b.bn2(b.conv2(y))
-        return F.relu(y + F.interpolate(b.shortcut(x), scale_factor=2.0, mode="nearest"))
+        return self.block(F.interpolate(x, scale_factor=2.0, mode="nearest"),
+                          skip=F.interpolate(self.block.shortcut(x), scale_factor=2.0, mode="nearest"))
 
 
 class ConvVAE(nn.Module):

@@ -29,3 +29,8 @@ def viewed(x):
     y = torch.addcmul(sh.repeat(8), ff, sc.repeat(8))
     return y.to(x.dtype).view(n,h,w,c).permute(0,3,1,2)
 print("viewed64", t(viewed))
+
+print("cl bf16 bn+relu", t(lambda x: F.relu(bn(x))))
+t0=time.perf_counter()
+cf = torch.compile(lambda x: F.relu(bn(x)), dynamic=False)
+print("compiled bn+relu", t(cf), "incl", time.perf_counter()-t0)
